@@ -1,0 +1,325 @@
+"""Stage 1: train the classifier with Implicit Boundary Mining on image-level labels, then turn its
+multi-layer class activation maps into pseudo-masks on disk.
+
+    python 1_train_stage1.py --config configs/glas.yaml [--set stage1.epochs=3] [--resume]
+
+Writes runs/<name>/stage1/{config.yaml, checkpoint.pth, log.csv, metrics.json, samples.png} and one
+pseudo-mask per training image into data.pseudo_mask_dir.
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from models.classifier import Stage1Classifier, build_backbone
+from utils.cam import cams_to_masks, heatmap_of, multi_layer_cam
+from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from utils.cli import run_main
+from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir, save_config
+from utils.data import ClassificationSet, load_pair, split_items, train_items
+from utils.files import write_json
+from utils.imageio import read_mask, read_rgb
+from utils.metrics import confusion_matrix, scores
+from utils.pseudo_masks import PngWriter, file_sha256, pseudo_mask_name, read_manifest, write_manifest
+from utils.runtime import cleanup, loader_options, setup_runtime, unwrap
+from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
+                            rng_state, set_rng_state, set_poly_lr, sgd_with_multipliers)
+from utils.transforms import to_tensor
+from utils.visualize import contact_sheet, heat_overlay, mask_picture
+
+
+def build_classifier(cfg):
+    s1 = cfg.stage1
+    if s1.backbone == "resnet38" and s1.pretrained is True:
+        raise ConfigError("stage1.pretrained: ResNet-38 weights are on no model hub; set it to the path of "
+                          "ilsvrc-cls_rna-a1_cls1000_ep-0001.pth (see init_weights/README.md).")
+    if isinstance(s1.pretrained, str) and not Path(s1.pretrained).is_file():
+        raise ConfigError(f"stage1.pretrained: weight file {s1.pretrained} does not exist "
+                          "(see init_weights/README.md).")
+    try:
+        backbone = build_backbone(s1.backbone, s1.pretrained, s1.out_indices, s1.output_stride)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise ConfigError(f"stage1.backbone: {error}") from None
+        raise
+    return Stage1Classifier(backbone, len(cfg.data.classes), use_ibm=s1.ibm)
+
+
+def classification_loss(outputs, labels, s1):
+    """Multi-label soft margin on each head (weighted) + IBM's boundary and embedding regularisers."""
+    loss = sum(w * F.multilabel_soft_margin_loss(logits.float(), labels)
+               for w, logits in zip(s1.head_weights, outputs["logits"]))
+    if outputs["boundary"] is not None:
+        loss = loss + s1.boundary_weight * outputs["boundary"].float().pow(2).mean()
+        loss = loss + s1.embedding_weight * outputs["embedding"].float().norm(dim=1).mean()
+    return loss
+
+
+def set_train_mode(model, s1):
+    model.train()
+    if s1.freeze_bn:
+        freeze_batchnorm(model)
+
+
+def freeze_stem(model, s1):
+    """The published recipe keeps ResNet-38's first convolution and b2 group fixed."""
+    if s1.freeze_stem and s1.backbone == "resnet38":
+        for name, param in model.backbone.named_parameters():
+            if name.split(".")[0] in ("conv1a", "b2", "b2_1", "b2_2"):
+                param.requires_grad_(False)
+
+
+def train_classifier(cfg, model, items, runtime, out_dir, resume):
+    s1 = cfg.stage1
+    if s1.batch_size % runtime.world_size:
+        raise TrainingError(f"stage1.batch_size={s1.batch_size} is not divisible by the {runtime.world_size} "
+                            "processes; choose a multiple of the process count.")
+    per_rank_batch = s1.batch_size // runtime.world_size
+    dataset = ClassificationSet(items, s1.image_size, cfg.data.mean, cfg.data.std, augment=True)
+    sampler = DistributedSampler(dataset, seed=cfg.seed, drop_last=True) if runtime.distributed else None
+    drop_last = len(dataset) // runtime.world_size >= per_rank_batch
+    loader = DataLoader(dataset, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
+                        drop_last=drop_last, **loader_options(runtime, train=True))
+    freeze_stem(model, s1)
+    if s1.freeze_bn:
+        freeze_batchnorm(model)
+    model.to(runtime.device)
+    optimizer = sgd_with_multipliers([model.backbone], model.new_modules(), s1.lr, s1.momentum,
+                                     s1.weight_decay, s1.lr_mult_new)
+    total_steps = max(1, s1.epochs * len(loader))
+    checkpoint_path = out_dir / "checkpoint.pth"
+    log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "accuracy", "lr", "seconds"], keep_existing=resume)
+    start_epoch, step = 0, 0
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, STAGE1_FORMAT)
+        model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        log.truncate(start_epoch)
+        print(f"resuming stage 1 at epoch {start_epoch + 1} of {s1.epochs}")
+    trainer = model
+    if runtime.distributed:
+        trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if runtime.device.type == "cpu"
+                                                            else [runtime.device])
+    if cfg.compile and hasattr(torch, "compile"):
+        trainer = torch.compile(trainer)
+    scaler = runtime.grad_scaler()
+    for epoch in range(start_epoch, s1.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        set_train_mode(model, s1)
+        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct label decisions, labels, images
+        started = time.perf_counter()
+        bar = tqdm(loader, desc=f"stage 1 epoch {epoch + 1}/{s1.epochs}", disable=not runtime.is_main,
+                   leave=False)
+        for images, labels, _ in bar:
+            images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(runtime.device, non_blocking=True)
+            set_poly_lr(optimizer, step, total_steps, s1.poly_power)
+            try:
+                with runtime.autocast():
+                    outputs = trainer(images)
+                    loss = classification_loss(outputs, labels, s1)
+            except torch.OutOfMemoryError:
+                raise TrainingError(out_of_memory_message("stage1.batch_size")) from None
+            check_finite(loss, epoch, step, f"the last good checkpoint is {checkpoint_path}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s1.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            predicted = (outputs["logits"][-1].detach() > 0).float()
+            totals += torch.tensor([loss.item() * len(images), (predicted == labels).sum().item(), labels.numel(),
+                                    len(images)], dtype=torch.float64)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        totals = runtime.all_reduce_sum(totals.to(runtime.device)).cpu()
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "loss": round(totals[0].item() / max(totals[3].item(), 1), 5),
+               "accuracy": round(totals[1].item() / max(totals[2].item(), 1), 5),
+               "lr": f"{optimizer.param_groups[0]['lr']:.3g}", "seconds": round(seconds, 1)}
+        if runtime.is_main:
+            log.append(row)
+            tqdm.write(f"stage 1 epoch {row['epoch']}: loss {row['loss']}, label accuracy {row['accuracy']}, "
+                       f"{row['seconds']} s")
+            save_checkpoint(checkpoint_path, {
+                "format": STAGE1_FORMAT, "model": model.state_dict(), "config": cfg.to_dict(),
+                "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()})
+        runtime.barrier()
+    return checkpoint_path
+
+
+def network_input(image, size_or_scale, mean, std):
+    """Resize an RGB array for the classifier (square size for tiles, scale factor for whole images)."""
+    import cv2
+    if isinstance(size_or_scale, int):
+        size = (size_or_scale, size_or_scale)
+    else:
+        size = (max(8, round(image.shape[1] * size_or_scale)), max(8, round(image.shape[0] * size_or_scale)))
+    if size != (image.shape[1], image.shape[0]):
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    return to_tensor(image, mean, std)
+
+
+class TileSet(torch.utils.data.Dataset):
+    """Training tiles for CAM inference: network input, label, original size, index."""
+
+    def __init__(self, items, image_size, mean, std):
+        self.items, self.image_size, self.mean, self.std = items, image_size, mean, std
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image = read_rgb(self.items[index].image)
+        tensor = network_input(image, self.image_size, self.mean, self.std)
+        return tensor, torch.from_numpy(self.items[index].label), torch.tensor(image.shape[:2]), index
+
+
+@torch.no_grad()
+def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=False):
+    """Pseudo-masks for the training tiles (this rank's share), scored against train/mask when present."""
+    s1, classes = cfg.stage1, cfg.data.classes
+    folder = pseudo_mask_dir(cfg)
+    previous = read_manifest(folder)
+    reuse = (not overwrite and previous is not None and previous.get("checkpoint_sha256") == checkpoint_sha)
+    todo = [i for i, item in enumerate(items)
+            if not (reuse and (folder / pseudo_mask_name(item.image)).is_file())]
+    if runtime.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_manifest(folder, checkpoint_sha, cfg.name, classes, [], complete=False)
+    runtime.barrier()
+    mine = runtime.shard(todo)
+    dataset = torch.utils.data.Subset(TileSet(items, s1.image_size, cfg.data.mean, cfg.data.std), mine)
+    loader = DataLoader(dataset, batch_size=s1.cam_batch_size, **loader_options(runtime, train=False))
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    samples = []
+    model.eval()
+    with PngWriter(cfg.data.palette) as writer:
+        for images, labels, sizes, indices in tqdm(loader, desc="pseudo-masks", disable=not runtime.is_main):
+            images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            uniform = bool((sizes == sizes[0]).all())
+            with runtime.autocast():
+                cams, _ = multi_layer_cam(model, images, tuple(sizes[0].tolist()) if uniform
+                                          else images.shape[-2:], s1.cam_weights, s1.cam_scales, s1.cam_flip)
+            masks = cams_to_masks(cams, labels)
+            heat = heatmap_of(cams, labels)
+            masks, heat = masks.cpu().numpy(), heat.cpu().numpy()
+            for row, index in enumerate(indices.tolist()):
+                item, mask = items[index], masks[row]
+                if not uniform:
+                    import cv2
+                    height, width = sizes[row].tolist()
+                    mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+                writer.submit(folder / pseudo_mask_name(item.image), mask)
+                if item.mask is not None:
+                    truth = read_mask(item.mask, cfg.data.mask_encoding, len(classes))
+                    if truth.shape == mask.shape:
+                        confusion += confusion_matrix(mask, truth, len(classes))
+                if len(samples) < s1.samples and 0 < item.label.sum() < len(classes):
+                    samples.append((item, mask, heat[row]))
+    confusion = runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+    runtime.barrier()
+    if runtime.is_main:
+        write_manifest(folder, checkpoint_sha, cfg.name, classes,
+                       [pseudo_mask_name(item.image) for item in items], complete=True)
+    skipped = len(items) - len(todo)
+    return confusion, samples, skipped
+
+
+@torch.no_grad()
+def score_whole_images(cfg, model, split_list, runtime, scale):
+    """Pseudo-mask quality on whole val/test images, labels predicted by the classifier (threshold)."""
+    s1, num_classes = cfg.stage1, len(cfg.data.classes)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    model.eval()
+    for item in tqdm(runtime.shard(split_list), desc="scoring CAMs", disable=not runtime.is_main, leave=False):
+        image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
+        tensor = network_input(image, scale, cfg.data.mean, cfg.data.std)[None].to(runtime.device)
+        with runtime.autocast():
+            cams, probabilities = multi_layer_cam(model, tensor, truth.shape, s1.cam_weights, s1.cam_scales,
+                                                  s1.cam_flip)
+        labels = (probabilities > s1.label_threshold).float()
+        mask = cams_to_masks(cams, labels)[0].cpu().numpy()
+        confusion += confusion_matrix(mask, truth, num_classes)
+    return runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+
+
+def save_samples(path, samples, cfg):
+    rows = []
+    for item, mask, heat in samples:
+        image = read_rgb(item.image)
+        truth = (mask_picture(read_mask(item.mask, cfg.data.mask_encoding, len(cfg.data.classes)),
+                              cfg.data.palette) if item.mask is not None else None)
+        rows.append([image, heat_overlay(image, heat), mask_picture(mask, cfg.data.palette), truth])
+    if rows:
+        contact_sheet(path, rows, ["image", "CAM", "pseudo-mask", "ground truth"])
+
+
+def main(argv=None):
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--resume", action="store_true", help="continue training from checkpoint.pth")
+    parser.add_argument("--masks-only", action="store_true",
+                        help="skip training; write pseudo-masks from the existing checkpoint.pth")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite pseudo-masks that already exist")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    runtime = setup_runtime(cfg)
+    out_dir = run_dir(cfg, "stage1")
+    if runtime.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    if cfg.data.demo and runtime.is_main:
+        from utils.demo_data import ensure_demo_dataset
+        ensure_demo_dataset(cfg)
+    runtime.barrier()
+    num_classes = len(cfg.data.classes)
+    items = train_items(cfg.data.root, num_classes)
+    val_items = split_items(cfg.data.root, "val", required=False)
+    test_items = split_items(cfg.data.root, "test", required=False)
+    if runtime.is_main:
+        present = np.stack([item.label for item in items]).sum(0).astype(int).tolist()
+        print(f"stage 1 on {len(items)} training images ({', '.join(f'{c}: {n}' for c, n in zip(cfg.data.classes, present))}); "
+              f"device {runtime.device}, {runtime.world_size} process(es)")
+
+    model = build_classifier(cfg)
+    checkpoint_path = out_dir / "checkpoint.pth"
+    if args.masks_only:
+        model.load_state_dict(load_checkpoint(checkpoint_path, STAGE1_FORMAT)["model"])
+        model.to(runtime.device)
+    else:
+        train_classifier(cfg, model, items, runtime, out_dir, args.resume)
+    model = unwrap(model).to(runtime.device).to(memory_format=torch.channels_last)
+    checkpoint_sha = file_sha256(checkpoint_path)
+
+    confusion, samples, skipped = write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, args.overwrite)
+    metrics = {}
+    if any(item.mask is not None for item in items):
+        metrics["train"] = scores(confusion)
+    tile_size = read_rgb(items[0].image).shape[0]
+    scale = cfg.stage1.image_size / tile_size  # whole images are seen at the zoom the classifier trained at
+    for split, split_list in (("val", val_items), ("test", test_items)):
+        if split_list:
+            metrics[split] = scores(score_whole_images(cfg, model, split_list, runtime, scale))
+    if runtime.is_main:
+        write_json(out_dir / "metrics.json", metrics)
+        save_samples(out_dir / "samples.png", samples, cfg)
+        for split, values in metrics.items():
+            print(f"pseudo-masks on {split}: mIoU {values['miou']:.4f}, Dice {values['mdice']:.4f}")
+        print(f"pseudo-masks written to {pseudo_mask_dir(cfg)}" + (f" ({skipped} kept from before)" if skipped else ""))
+        print(f"stage 1 outputs in {out_dir}")
+    cleanup(runtime)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,220 @@
+"""Stage 2: train the Dual Path Refinement segmenter with the IICB loss on stage 1's pseudo-masks, keep
+the best epoch by validation mIoU, and score it on the test set.
+
+    python 2_train_stage2.py --config configs/glas.yaml [--set stage2.epochs=3] [--resume]
+
+Writes runs/<name>/stage2/{config.yaml, best.pth, best.safetensors, last.pth, log.csv, metrics.json,
+predictions/, overlays/}.
+"""
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from models.dpr import DPR
+from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
+from utils.cli import run_main
+from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir, save_config
+from utils.data import SegmentationSet, load_pair, split_items, train_items
+from utils.files import write_json
+from utils.imageio import DataError, overlay, write_palette_png, write_rgb
+from utils.losses import IICBLoss
+from utils.metrics import confusion_matrix, scores
+from utils.predict import predict_mask, segmenter_meta
+from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
+from utils.runtime import cleanup, loader_options, setup_runtime
+from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, rng_state,
+                            set_poly_lr, set_rng_state)
+
+
+def training_pairs(cfg):
+    """(images, masks, mask encoding): pseudo-masks by default, ground truth for few-shot adaptation."""
+    s2, num_classes = cfg.stage2, len(cfg.data.classes)
+    items = train_items(cfg.data.root, num_classes)
+    if s2.train_masks == "ground_truth":
+        items = [item for item in items if item.mask is not None]
+        if not items:
+            raise DataError(f"{cfg.data.root}/train/mask holds no masks for the training images; "
+                            "stage2.train_masks=ground_truth needs them.")
+        if s2.max_train_images is not None:
+            order = np.random.default_rng(cfg.seed).permutation(len(items))[:s2.max_train_images]
+            items = [items[i] for i in sorted(order)]
+        return [i.image for i in items], [i.mask for i in items], cfg.data.mask_encoding
+    folder = pseudo_mask_dir(cfg)
+    stage1_checkpoint = run_dir(cfg, "stage1") / "checkpoint.pth"
+    expected_sha = file_sha256(stage1_checkpoint) if stage1_checkpoint.is_file() else None
+    check_pseudo_masks(folder, [i.image for i in items], expected_sha, s2.accept_foreign_pseudo_masks)
+    if s2.max_train_images is not None:
+        items = items[:s2.max_train_images]
+    return [i.image for i in items], [folder / pseudo_mask_name(i.image) for i in items], "index"
+
+
+def build_segmenter(cfg):
+    s2 = cfg.stage2
+    try:
+        model = DPR(s2.encoder, len(cfg.data.classes), pretrained=s2.pretrained)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise ConfigError(f"stage2.encoder: {error}") from None
+        raise
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    if s2.init_from:
+        state = load_checkpoint(s2.init_from, STAGE2_FORMAT)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise CheckpointError(f"stage2.init_from: {s2.init_from} does not fit a {s2.encoder} DPR with "
+                                  f"{len(cfg.data.classes)} classes.") from None
+        print(f"starting from {s2.init_from}")
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, items, cfg, runtime, save_dir=None):
+    """Confusion matrix over whole images (this rank's share, summed over ranks), at original resolution."""
+    s2, num_classes = cfg.stage2, len(cfg.data.classes)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    model.eval()
+    for item in tqdm(runtime.shard(items), desc="evaluating", leave=False, disable=not runtime.is_main):
+        image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
+        mask = predict_mask(model, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
+                            cfg.data.mean, cfg.data.std, num_classes)
+        confusion += confusion_matrix(mask, truth, num_classes)
+        if save_dir is not None:
+            write_palette_png(save_dir / "predictions" / f"{item.stem}.png", mask, cfg.data.palette)
+            write_rgb(save_dir / "overlays" / f"{item.stem}.png", overlay(image, mask, cfg.data.palette))
+    return runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+
+
+def save_stage2(path, model, cfg, extra):
+    save_checkpoint(path, {"format": STAGE2_FORMAT, "model": model.state_dict(), "meta": segmenter_meta(cfg),
+                           "config": cfg.to_dict(), **extra})
+
+
+def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
+    s2 = cfg.stage2
+    if s2.batch_size % runtime.world_size:
+        raise TrainingError(f"stage2.batch_size={s2.batch_size} is not divisible by the {runtime.world_size} "
+                            "processes; choose a multiple of the process count.")
+    per_rank_batch = s2.batch_size // runtime.world_size
+    images, masks, encoding = training_pairs(cfg)
+    dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
+                              len(cfg.data.classes), augment=True)
+    sampler = DistributedSampler(dataset, seed=cfg.seed, drop_last=True) if runtime.distributed else None
+    loader = DataLoader(dataset, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
+                        drop_last=len(dataset) // runtime.world_size >= per_rank_batch,
+                        **loader_options(runtime, train=True))
+    if runtime.is_main:
+        print(f"stage 2 on {len(dataset)} images with {'ground-truth' if encoding != 'index' or s2.train_masks == 'ground_truth' else 'pseudo'} masks")
+    if s2.sync_bn and runtime.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(runtime.device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = s2.lr
+    criterion = IICBLoss(**s2.iicb)
+    total_steps = max(1, s2.epochs * len(loader))
+    log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "val_miou", "val_mdice", "lr", "seconds"],
+                 keep_existing=resume)
+    start_epoch, step, best = 0, 0, -1.0
+    last_path, best_path = out_dir / "last.pth", out_dir / "best.pth"
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path, STAGE2_FORMAT)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best_miou"]
+        log.truncate(start_epoch)
+        print(f"resuming stage 2 at epoch {start_epoch + 1} of {s2.epochs}")
+    trainer = model
+    if runtime.distributed:
+        trainer = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if runtime.device.type == "cpu" else [runtime.device])
+    if cfg.compile and hasattr(torch, "compile"):
+        trainer = torch.compile(trainer)
+    scaler = runtime.grad_scaler()
+    for epoch in range(start_epoch, s2.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        started, loss_sum, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(loader, desc=f"stage 2 epoch {epoch + 1}/{s2.epochs}", leave=False, disable=not runtime.is_main)
+        for batch, target, _ in bar:
+            batch = batch.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            target = target.to(runtime.device, non_blocking=True)
+            set_poly_lr(optimizer, step, total_steps, s2.poly_power)
+            try:
+                with runtime.autocast():
+                    outputs = trainer(batch)
+                main_loss, _ = criterion(outputs["main"].float(), target)
+                aux_loss, _ = criterion(outputs["aux"].float(), target)
+                loss = main_loss + s2.aux_weight * aux_loss
+            except torch.OutOfMemoryError:
+                raise TrainingError(out_of_memory_message("stage2.batch_size")) from None
+            check_finite(loss, epoch, step, f"the last good checkpoint is {last_path}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss_sum, seen = loss_sum + loss.item() * len(batch), seen + len(batch)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        values = scores(evaluate(model, val_items, cfg, runtime))
+        improved = values["miou"] > best
+        best = max(best, values["miou"])
+        row = {"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5), "val_miou": round(values["miou"], 5),
+               "val_mdice": round(values["mdice"], 5), "lr": f"{optimizer.param_groups[0]['lr']:.3g}",
+               "seconds": round(time.perf_counter() - started, 1)}
+        if runtime.is_main:
+            log.append(row)
+            tqdm.write(f"stage 2 epoch {row['epoch']}: loss {row['loss']}, val mIoU {row['val_miou']}"
+                       + (" (best so far)" if improved else ""))
+            if improved:
+                save_stage2(best_path, model, cfg, {"epoch": epoch + 1, "val_miou": values["miou"]})
+                save_safetensors(out_dir / "best.safetensors", model.state_dict(), STAGE2_FORMAT,
+                                 segmenter_meta(cfg))
+            save_stage2(last_path, model, cfg, {"epoch": epoch + 1, "step": step, "best_miou": best,
+                                                "optimizer": optimizer.state_dict(), "rng": rng_state()})
+        runtime.barrier()
+    return best_path
+
+
+def main(argv=None):
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--resume", action="store_true", help="continue training from last.pth")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    runtime = setup_runtime(cfg)
+    out_dir = run_dir(cfg, "stage2")
+    if runtime.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    if cfg.data.demo and runtime.is_main:
+        from utils.demo_data import ensure_demo_dataset
+        ensure_demo_dataset(cfg)
+    runtime.barrier()
+    val_items = split_items(cfg.data.root, "val")
+    test_items = split_items(cfg.data.root, "test", required=False)
+
+    model = build_segmenter(cfg)
+    best_path = train_segmenter(cfg, model, runtime, out_dir, val_items, args.resume)
+    if not best_path.is_file():
+        raise TrainingError(f"no {best_path} was written (stage2.epochs is 0?); train at least one epoch.")
+    model.load_state_dict(load_checkpoint(best_path, STAGE2_FORMAT)["model"])
+    metrics = {"val": scores(evaluate(model, val_items, cfg, runtime))}
+    if test_items:
+        metrics["test"] = scores(evaluate(model, test_items, cfg, runtime, save_dir=out_dir))
+    if runtime.is_main:
+        write_json(out_dir / "metrics.json", metrics)
+        for split, values in metrics.items():
+            print(f"stage 2 on {split}: mIoU {values['miou']:.4f}, Dice {values['mdice']:.4f}")
+        print(f"stage 2 outputs in {out_dir}")
+    cleanup(runtime)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

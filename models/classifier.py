@@ -1,0 +1,64 @@
+"""Stage-1 classifier: a backbone with three taps, IBM before the deepest tap, one 1x1 head per tap."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.ibm import ImplicitBoundaryMining
+
+
+class Stage1Classifier(nn.Module):
+    def __init__(self, backbone, num_classes, use_ibm=True, dropout=0.5):
+        super().__init__()
+        self.backbone = backbone
+        low, mid, deep = backbone.tap_channels
+        self.ibm = ImplicitBoundaryMining(backbone.ibm_channels) if use_ibm else None
+        self.ic1 = nn.Conv2d(low, num_classes, 1)
+        self.ic2 = nn.Conv2d(mid, num_classes, 1)
+        self.fc8 = nn.Conv2d(deep, num_classes, 1, bias=False)
+        self.dropout = nn.Dropout2d(dropout)
+        nn.init.xavier_uniform_(self.fc8.weight)
+
+    @property
+    def heads(self):
+        return (self.ic1, self.ic2, self.fc8)
+
+    def new_modules(self):
+        """Layers that start from random initialisation (higher learning rate)."""
+        return [m for m in (self.ibm, self.ic1, self.ic2, self.fc8) if m is not None]
+
+    def taps(self, x):
+        low, mid, deep = self.backbone.encode(x)
+        boundary = embedding = None
+        if self.ibm is not None:
+            deep, boundary, embedding = self.ibm(deep)
+        return (low, mid, self.backbone.finish(deep)), boundary, embedding
+
+    def forward(self, x):
+        """Per-head image scores (N x C each) from global average pooling, plus IBM side outputs."""
+        (low, mid, deep), boundary, embedding = self.taps(x)
+        deep = self.dropout(deep)
+        # a 1x1 conv commutes with average pooling: pool first, then classify (cheaper, same scores)
+        logits = [head(F.adaptive_avg_pool2d(f, 1)).flatten(1) for head, f in zip(self.heads, (low, mid, deep))]
+        return {"logits": logits, "boundary": boundary, "embedding": embedding}
+
+    def cams(self, x):
+        """Class activation maps of the three heads (ReLU of each head on its tap), plus image scores."""
+        taps, _, _ = self.taps(x)
+        maps = [F.relu(F.conv2d(f, head.weight, head.bias)) for head, f in zip(self.heads, taps)]
+        scores = [head(F.adaptive_avg_pool2d(f, 1)).flatten(1) for head, f in zip(self.heads, taps)]
+        return maps, scores
+
+
+def build_backbone(name, pretrained=False, out_indices=(2, 3, 4), output_stride=8):
+    """ResNet-38 (with its ImageNet weight file when given) or any timm model by name."""
+    if name == "resnet38":
+        from models.resnet38 import ResNet38, load_resnet38_weights
+        backbone = ResNet38()
+        if pretrained is True:
+            raise ValueError("stage1.pretrained: ResNet-38 weights are not on a model hub; set it to the "
+                             "path of ilsvrc-cls_rna-a1_cls1000_ep-0001.pth (see init_weights/README.md).")
+        if isinstance(pretrained, str):
+            load_resnet38_weights(backbone, pretrained)
+        return backbone
+    from models.timm_taps import TimmTaps
+    return TimmTaps(name, pretrained, out_indices, output_stride)

@@ -1,0 +1,72 @@
+"""Multi-layer class activation maps and the pseudo-mask rules, for whole batches on the device."""
+import torch
+import torch.nn.functional as F
+
+from utils.imageio import IGNORE_INDEX
+
+
+@torch.no_grad()
+def multi_layer_cam(model, images, out_size, cam_weights=(1.0, 1.0, 1.0), scales=(1.0,), flip=False):
+    """Weighted sum of the three heads' CAMs at `out_size`, over scales (and horizontal flips).
+
+    images: N x 3 x h x w at the network's input size. Returns (cams N x C x H x W float32,
+    image probabilities N x C from the deepest head, averaged over the views).
+    """
+    total, probabilities, views = None, 0.0, 0
+    height, width = images.shape[-2:]
+    for scale in scales:
+        scaled = images if scale == 1.0 else F.interpolate(
+            images, size=(max(8, round(height * scale)), max(8, round(width * scale))),
+            mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            view = scaled.flip(-1) if flipped else scaled
+            maps, scores = model.cams(view)
+            summed = 0.0
+            for weight, cam in zip(cam_weights, maps):
+                if weight:
+                    cam = F.interpolate(cam.float(), size=out_size, mode="bilinear", align_corners=False)
+                    summed = summed + weight * cam
+            if flipped:
+                summed = summed.flip(-1)
+            total = summed if total is None else total + summed
+            probabilities = probabilities + torch.sigmoid(scores[-1].float())
+            views += 1
+    return total / views, probabilities / views
+
+
+def normalise_cams(cams, eps=1e-5):
+    """Scale each class map to [0, 1] by its maximum; a flat (all-zero) map stays zero, never NaN."""
+    peak = cams.flatten(2).amax(dim=2).clamp_min(eps)
+    return cams / peak[:, :, None, None]
+
+
+def cams_to_masks(cams, labels, background_index=0):
+    """Pseudo-masks (N x H x W uint8) from CAMs and image-level labels (N x C, 0/1).
+
+    Rules: classes absent from the label never win; a tile with a single present class is that class
+    everywhere; a pixel where no present class activates becomes background when background is in the
+    label, otherwise ignore (255) -- never silently a foreground class.
+    """
+    labels = labels.to(cams.device, torch.float32)
+    scores = normalise_cams(cams.float()) * labels[:, :, None, None]
+    best_score, masks = scores.max(dim=1)
+    masks = masks.to(torch.uint8)
+    unactivated = best_score <= 0
+    has_background = labels[:, background_index] > 0
+    fallback = torch.where(has_background, background_index, IGNORE_INDEX).to(torch.uint8)
+    masks = torch.where(unactivated, fallback[:, None, None], masks)
+    single = labels.sum(dim=1) == 1
+    if single.any():
+        only_class = labels.argmax(dim=1).to(torch.uint8)
+        masks[single] = only_class[single][:, None, None].expand(-1, *masks.shape[1:])
+    empty = labels.sum(dim=1) == 0
+    if empty.any():
+        masks[empty] = IGNORE_INDEX
+    return masks
+
+
+def heatmap_of(cams, labels, background_index=0):
+    """One foreground heat-map per image in [0, 1]: the max over present non-background classes."""
+    scores = normalise_cams(cams.float()) * labels.to(cams.device, torch.float32)[:, :, None, None]
+    keep = [c for c in range(scores.shape[1]) if c != background_index]
+    return scores[:, keep].amax(dim=1)

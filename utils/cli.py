@@ -1,0 +1,22 @@
+"""Entry-point wrapper: a user's mistake ends in one sentence on stderr, not a traceback."""
+import sys
+
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError
+from utils.imageio import DataError
+from utils.training import TrainingError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
+
+
+def run_main(main, argv=None):
+    try:
+        code = main(argv)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; finished files are kept, partial ones were never given their final names.",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,155 @@
+"""Readers for the data layout: train/img/<stem>[labels].png, {val,test}/img + mask, optional train/mask.
+
+The layout and the label forms are those of ../METHOD.md; every problem a user can cause is a DataError
+naming the file.
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils.imageio import DataError, list_images, read_mask, read_rgb
+from utils.transforms import to_tensor
+
+_LABEL_GROUP = re.compile(r"^(?P<stem>.*)\[(?P<labels>[^\[\]]*)\]$")
+
+
+def parse_label(filename, num_classes):
+    """'a[1, 0].png' -> (stem 'a', array [1, 0]); forms [1, 0], [1,0], [1 0] and [10] are accepted."""
+    name = Path(filename).stem
+    match = _LABEL_GROUP.match(name)
+    if match is None:
+        raise DataError(f"{filename}: no image-level label in the file name; name training images like "
+                        f"'<stem>[1, 0].png' with one 0/1 digit per class.")
+    text = match.group("labels").strip()
+    if "," in text:
+        tokens = [t.strip() for t in text.split(",")]
+    elif " " in text.strip():
+        tokens = text.split()
+    else:
+        tokens = list(text)
+    if not tokens or any(t not in ("0", "1") for t in tokens):
+        raise DataError(f"{filename}: label [{text}] must hold only 0/1 digits, one per class.")
+    if len(tokens) != num_classes:
+        raise DataError(f"{filename}: label [{text}] has {len(tokens)} digits but the config has "
+                        f"{num_classes} classes.")
+    return match.group("stem").rstrip(), np.array([int(t) for t in tokens], dtype=np.float32)
+
+
+@dataclass
+class Item:
+    image: Path
+    stem: str
+    label: np.ndarray = None   # image-level label (train)
+    mask: Path = None          # pixel mask (val/test, or train/mask for scoring)
+
+
+def _require_images(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"folder {folder} does not exist; see datasets/README.md for the layout.")
+    images = list_images(folder)
+    if not images:
+        raise DataError(f"folder {folder} holds no images (.png, .jpg, .tif, .bmp).")
+    return images
+
+
+def train_items(root, num_classes):
+    """Training images with their labels; masks from train/mask/ when present (scoring only)."""
+    root = Path(root)
+    mask_dir = root / "train" / "mask"
+    items = []
+    for path in _require_images(root / "train" / "img"):
+        stem, label = parse_label(path.name, num_classes)
+        mask = None
+        if mask_dir.is_dir():
+            for candidate in (mask_dir / f"{stem}.png", mask_dir / f"{path.stem}.png"):
+                if candidate.is_file():
+                    mask = candidate
+                    break
+        items.append(Item(path, stem, label, mask))
+    return items
+
+
+def split_items(root, split, required=True):
+    """Whole images with masks of a val/test split; every image must have its mask."""
+    root = Path(root)
+    folder = root / split / "img"
+    if not folder.is_dir() and not required:
+        return []
+    items = []
+    for path in _require_images(folder):
+        mask = _find_mask(root / split / "mask", path.stem)
+        if mask is None:
+            raise DataError(f"{path}: no mask {root / split / 'mask' / (path.stem + '.png')}; every {split} "
+                            f"image needs one.")
+        items.append(Item(path, path.stem, None, mask))
+    return items
+
+
+def _find_mask(folder, stem):
+    for suffix in (".png", ".bmp", ".tif", ".tiff"):
+        candidate = Path(folder) / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_pair(item, encoding, num_classes):
+    """Image (H x W x 3 uint8) and its class-index mask, checked to be the same size."""
+    image = read_rgb(item.image)
+    mask = read_mask(item.mask, encoding, num_classes)
+    if mask.shape != image.shape[:2]:
+        raise DataError(f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                        f"{image.shape[1]}x{image.shape[0]}; masks must match their images.")
+    return image, mask
+
+
+class ClassificationSet(Dataset):
+    """Stage 1: image resized to a square, random flips, image-level label."""
+
+    def __init__(self, items, image_size, mean, std, augment):
+        self.items, self.image_size, self.mean, self.std, self.augment = items, image_size, mean, std, augment
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        import cv2
+        item = self.items[index]
+        image = read_rgb(item.image)
+        if image.shape[0] != self.image_size or image.shape[1] != self.image_size:
+            image = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+        if self.augment:
+            rng = np.random.default_rng(torch.randint(0, 2**31, ()).item())
+            if rng.random() < 0.5:
+                image = image[:, ::-1]
+            if rng.random() < 0.5:
+                image = image[::-1]
+        return to_tensor(image, self.mean, self.std), torch.from_numpy(item.label), index
+
+
+class SegmentationSet(Dataset):
+    """Stage 2: image + (pseudo or true) class-index mask, random crop of crop_size (padded with ignore)."""
+
+    def __init__(self, images, masks, crop_size, mean, std, encoding, num_classes, augment=True):
+        self.images, self.masks = images, masks
+        self.crop_size, self.mean, self.std = crop_size, mean, std
+        self.encoding, self.num_classes, self.augment = encoding, num_classes, augment
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        from utils.transforms import random_crop_pair
+        image = read_rgb(self.images[index])
+        mask = read_mask(self.masks[index], self.encoding, self.num_classes)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"{self.masks[index]}: mask size {mask.shape[::-1]} differs from its image "
+                            f"{image.shape[1::-1]}.")
+        rng = np.random.default_rng(torch.randint(0, 2**31, ()).item())
+        image, mask = random_crop_pair(image, mask, self.crop_size, rng, self.augment)
+        return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64)), index

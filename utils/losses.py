@@ -1,0 +1,119 @@
+"""IICB loss for training on pseudo-masks: confident cross-entropy, uncertainty, smoothness,
+class compactness and separation, and soft Dice."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOG_CLAMP = 1e-6
+DICE_SMOOTHING = 1.0
+COSINE_EPS = 1e-8
+
+
+def confident_cross_entropy(logits, target, conf, tau, ignore_index):
+    """Cross-entropy averaged over labelled pixels whose max probability exceeds tau; 0 if there are none."""
+    per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    selected = ((conf > tau) & (target != ignore_index)).to(per_pixel.dtype)
+    return (per_pixel * selected).sum() / selected.sum().clamp(min=1.0)
+
+
+def uncertainty(conf):
+    """Mean of -(1 - conf) * log(1 - conf) over all pixels."""
+    doubt = (1.0 - conf).clamp(min=LOG_CLAMP)
+    return -(doubt * doubt.log()).mean()
+
+
+def smoothness(probs):
+    """Mean absolute probability difference over all vertical and horizontal neighbour pairs."""
+    vertical = (probs[:, :, 1:, :] - probs[:, :, :-1, :]).abs()
+    horizontal = (probs[:, :, :, 1:] - probs[:, :, :, :-1]).abs()
+    count = vertical.numel() + horizontal.numel()
+    if count == 0:  # a 1 x 1 image has no neighbours
+        return probs.sum() * 0.0
+    return (vertical.sum() + horizontal.sum()) / count
+
+
+def class_statistics(probs, target, ignore_index):
+    """Per pseudo-label class: pixel count, mean probability vector and variance of the vectors.
+
+    The variance of a set of vectors is the mean squared Euclidean distance to their mean (the trace of
+    their covariance), so it is zero only when every pixel of the class has the same prediction.
+    """
+    num_classes = probs.shape[1]
+    flat_probs = probs.permute(0, 2, 3, 1).reshape(-1, num_classes)
+    flat_target = target.reshape(-1)
+    valid = flat_target != ignore_index
+    labels = torch.where(valid, flat_target, torch.zeros_like(flat_target))
+    membership = F.one_hot(labels, num_classes).to(flat_probs.dtype) * valid.unsqueeze(1).to(flat_probs.dtype)
+    counts = membership.sum(dim=0)
+    means = membership.t() @ flat_probs / counts.clamp(min=1.0).unsqueeze(1)
+    squared_distance = (flat_probs - means[labels]).pow(2).sum(dim=1)
+    variances = membership.t() @ squared_distance / counts.clamp(min=1.0)
+    return counts, means, variances
+
+
+def compactness(counts, variances):
+    """Within-class variance averaged over the classes present in the pseudo-labels."""
+    present = (counts > 0).to(variances.dtype)
+    return (variances * present).sum() / present.sum().clamp(min=1.0)
+
+
+def separation(counts, means):
+    """Mean cosine similarity between the mean probability vectors of every pair of present classes.
+
+    Minimising it pushes class means apart; 0 when fewer than two classes are present.
+    """
+    present = counts > 0
+    unit = means / means.norm(dim=1, keepdim=True).clamp(min=COSINE_EPS)
+    similarity = unit @ unit.t()
+    pairs = (present.unsqueeze(0) & present.unsqueeze(1)).triu(diagonal=1).to(similarity.dtype)
+    return (similarity * pairs).sum() / pairs.sum().clamp(min=1.0)
+
+
+def soft_dice_loss(probs, target, ignore_index):
+    """1 - mean over foreground classes 1..C-1 of soft Dice, over the labelled pixels of the whole batch.
+
+    Smoothing 1 keeps a class absent from both prediction and target from dividing by zero.
+    """
+    num_classes = probs.shape[1]
+    valid = (target != ignore_index).unsqueeze(1).to(probs.dtype)
+    labels = torch.where(target != ignore_index, target, torch.zeros_like(target))
+    one_hot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).to(probs.dtype) * valid
+    masked = probs * valid
+    dims = (0, 2, 3)
+    overlap = (masked * one_hot).sum(dim=dims)
+    total = masked.sum(dim=dims) + one_hot.sum(dim=dims)
+    dice = (2.0 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING)
+    return 1.0 - dice[1:].mean()
+
+
+class IICBLoss(nn.Module):
+    """Weighted sum of the IICB terms; forward returns (total, detached terms)."""
+
+    def __init__(self, alpha=1.0, beta=0.2, gamma=0.1, delta=0.1, eta=0.1, tau=0.4, ignore_index=255):
+        super().__init__()
+        self.alpha, self.beta, self.gamma, self.delta, self.eta = alpha, beta, gamma, delta, eta
+        self.tau = tau
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        if logits.dim() != 4 or target.shape != (logits.shape[0],) + logits.shape[2:]:
+            raise ValueError(f"IICB loss needs logits N x C x H x W and target N x H x W, got "
+                             f"{tuple(logits.shape)} and {tuple(target.shape)}.")
+        if logits.shape[1] < 2:
+            raise ValueError(f"IICB loss needs at least 2 classes, got {logits.shape[1]}.")
+        logits = logits.float()  # the terms are unstable in half precision
+        target = target.long()
+        probs = logits.softmax(dim=1)
+        conf = probs.amax(dim=1)
+        counts, means, variances = class_statistics(probs, target, self.ignore_index)
+        terms = {
+            "ce": confident_cross_entropy(logits, target, conf, self.tau, self.ignore_index),
+            "uncertainty": uncertainty(conf),
+            "smooth": smoothness(probs),
+            "compact": compactness(counts, variances),
+            "separation": separation(counts, means),
+            "dice": soft_dice_loss(probs, target, self.ignore_index),
+        }
+        total = (self.alpha * terms["ce"] + self.beta * terms["uncertainty"] + self.gamma * terms["smooth"]
+                 + self.delta * (terms["compact"] + terms["separation"]) + self.eta * terms["dice"])
+        return total, {name: value.detach() for name, value in terms.items()}

@@ -1,0 +1,51 @@
+"""Segmenting whole images with a stage-2 model: sliding windows on the device, class masks on the host."""
+import numpy as np
+import torch
+
+from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint
+from utils.sliding_window import sliding_window_logits
+from utils.transforms import normalize_batch
+
+META_KEYS = ("encoder", "classes", "palette", "mean", "std", "window", "overlap")
+
+
+def segmenter_meta(cfg):
+    """What a stage-2 model file carries so that inference needs nothing else."""
+    return {"encoder": cfg.stage2.encoder, "classes": list(cfg.data.classes),
+            "palette": [list(c) for c in cfg.data.palette], "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std), "window": cfg.stage2.window, "overlap": cfg.stage2.overlap}
+
+
+def load_segmenter(path, device):
+    """A DPR model and its metadata from a stage-2 .pth or .safetensors file of this project."""
+    from models.dpr import DPR
+    payload = load_checkpoint(path, STAGE2_FORMAT)
+    meta = payload.get("meta") or {}
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: a stage-2 file without {', '.join(missing)} in its metadata; "
+                              "re-export it with 2_train_stage2.py.")
+    model = DPR(meta["encoder"], len(meta["classes"]), pretrained=False)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: its weights do not fit a {meta['encoder']} DPR "
+                              f"({str(error).splitlines()[0][:200]}).") from None
+    return model.to(device).eval(), meta
+
+
+@torch.no_grad()
+def predict_logits(model, image, runtime, window, overlap, batch_size, mean, std):
+    """Class logits (1 x C x H x W float32, on the device) for one H x W x 3 uint8 image of any size."""
+    tensor = normalize_batch(torch.from_numpy(np.ascontiguousarray(image))[None].to(runtime.device), mean, std)
+
+    def run(batch):
+        with runtime.autocast():
+            return model(batch.contiguous(memory_format=torch.channels_last)).float()
+
+    return sliding_window_logits(run, tensor, None, window, overlap, batch_size)
+
+
+def predict_mask(model, image, runtime, window, overlap, batch_size, mean, std):
+    logits = predict_logits(model, image, runtime, window, overlap, batch_size, mean, std)
+    return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()

@@ -1,0 +1,87 @@
+"""Writing pseudo-masks: PNG encoding in a thread pool, and a manifest that records their origin."""
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from utils.files import write_json
+from utils.imageio import DataError, write_palette_png
+
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PngWriter:
+    """Encodes and writes palette PNGs on worker threads so the device can start the next batch."""
+
+    def __init__(self, palette, workers=2):
+        self.palette = palette
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pending = []
+
+    def submit(self, path, mask):
+        self.pending.append(self.pool.submit(write_palette_png, path, mask, self.palette))
+        if len(self.pending) > 256:  # bound memory held by queued masks
+            self.pending.pop(0).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+        return False
+
+
+def pseudo_mask_name(image_path):
+    """A pseudo-mask has its image's file name (labels included), always as .png."""
+    return Path(image_path).with_suffix(".png").name
+
+
+def read_manifest(folder):
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_manifest(folder, checkpoint_sha, config_name, classes, files, complete):
+    write_json(Path(folder) / MANIFEST, {"checkpoint_sha256": checkpoint_sha, "config": config_name,
+                                         "classes": list(classes), "files": sorted(files),
+                                         "complete": complete})
+
+
+def check_pseudo_masks(folder, image_paths, checkpoint_sha=None, accept_foreign=False):
+    """Stage 2's guard: every training image has a pseudo-mask, made by the expected stage-1 checkpoint."""
+    folder = Path(folder)
+    hint = "run `python 1_train_stage1.py --config <your config>` first"
+    if not folder.is_dir():
+        raise DataError(f"no pseudo-masks at {folder}; {hint}.")
+    missing = [p.name for p in image_paths if not (folder / pseudo_mask_name(p)).is_file()]
+    manifest = read_manifest(folder)
+    if accept_foreign:
+        if missing:
+            raise DataError(f"{folder}: {len(missing)} training images have no pseudo-mask (e.g. {missing[0]}); {hint}.")
+        return manifest
+    if manifest is None or not manifest.get("complete"):
+        raise DataError(f"{folder}: the pseudo-mask set is partial or has no manifest; {hint}, or set "
+                        "stage2.accept_foreign_pseudo_masks=true to use them anyway.")
+    if missing:
+        raise DataError(f"{folder}: {len(missing)} training images have no pseudo-mask (e.g. {missing[0]}); {hint}.")
+    if checkpoint_sha is not None and manifest.get("checkpoint_sha256") != checkpoint_sha:
+        raise DataError(f"{folder}: these pseudo-masks were made by another stage-1 checkpoint; rerun stage 1's "
+                        "pseudo-mask step, or set stage2.accept_foreign_pseudo_masks=true to use them anyway.")
+    return manifest

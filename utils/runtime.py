@@ -1,0 +1,129 @@
+"""Device, precision and distribution, decided once per run.
+
+Every script calls `setup_runtime(cfg)` and passes the result around; nothing else picks a device,
+calls `.cuda()` or reads torchrun's environment.
+"""
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype      # None: full fp32
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    num_workers: int = 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self):
+        """fp16 needs loss scaling; bf16 and fp32 do not."""
+        enabled = self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+
+    def shard(self, items):
+        """This rank's share of a list, for writing each output exactly once."""
+        return items[self.rank::self.world_size]
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor):
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def _pick_device(requested, local_rank):
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device '{requested}' was asked for but no CUDA GPU is visible; "
+                               "use --set device=cpu.")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def _pick_precision(requested, device):
+    if requested == "fp32" or (requested == "auto" and device.type != "cuda"):
+        return None
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(cfg, device=None):
+    """Initialise distribution (under torchrun), choose device and precision, seed per rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = _pick_device(device or cfg.device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
+        dist.init_process_group(backend=backend)
+    if chosen.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    workers = cfg.num_workers
+    if workers < 0:
+        workers = min(8, max(0, (os.cpu_count() or 1) // max(world_size, 1) - 1))
+        if chosen.type == "cpu":
+            workers = min(workers, 2)
+    seed_everything(cfg.seed + rank)
+    return Runtime(chosen, _pick_precision(cfg.precision, chosen), rank, world_size, local_rank, workers)
+
+
+def loader_options(runtime, train):
+    options = {"num_workers": runtime.num_workers, "pin_memory": runtime.device.type == "cuda"}
+    if runtime.num_workers > 0:
+        options.update(persistent_workers=train, prefetch_factor=4)
+    return options
+
+
+def unwrap(model):
+    """The plain model inside DDP / torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def cleanup(runtime):
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()

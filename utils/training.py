@@ -1,0 +1,108 @@
+"""Training helpers shared by both stages: optimiser groups, poly schedule, logging, fault checks."""
+import csv
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from utils.files import atomic_path
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, out of memory); the message says what to change."""
+
+
+def sgd_with_multipliers(pretrained_modules, new_modules, lr, momentum, weight_decay, new_mult=10.0):
+    """SGD with the usual WSSS multipliers: x1 weights / x2 biases for pretrained layers, x10 / x20 for new ones.
+
+    Biases and normalisation parameters get no weight decay. Frozen parameters are left out.
+    """
+    groups = {key: [] for key in ("old_w", "old_b", "new_w", "new_b")}
+    seen = set()
+    for prefix, modules in (("old", pretrained_modules), ("new", new_modules)):
+        for module in modules:
+            for name, param in module.named_parameters():
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                groups[f"{prefix}_{'b' if param.ndim <= 1 else 'w'}"].append(param)
+    spec = {"old_w": (1.0, weight_decay), "old_b": (2.0, 0.0),
+            "new_w": (new_mult, weight_decay), "new_b": (2.0 * new_mult, 0.0)}
+    param_groups = [{"params": params, "lr": lr * spec[key][0], "initial_lr": lr * spec[key][0],
+                     "weight_decay": spec[key][1]} for key, params in groups.items() if params]
+    return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def set_poly_lr(optimizer, step, total_steps, power):
+    factor = (1 - min(step, total_steps) / max(total_steps, 1)) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+
+
+def freeze_batchnorm(module):
+    """Keep BatchNorm statistics and affine parameters fixed (eval mode, no gradient)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+            for param in layer.parameters():
+                param.requires_grad_(False)
+
+
+def check_finite(loss, epoch, step, checkpoint_hint):
+    if not math.isfinite(float(loss)):
+        raise TrainingError(f"the loss became {float(loss)} at epoch {epoch + 1}, step {step}; training stopped "
+                            f"({checkpoint_hint}). Lower the learning rate or check the data.")
+
+
+def out_of_memory_message(setting):
+    return (f"the GPU ran out of memory; lower {setting} (e.g. --set {setting}=<half>) or use a smaller "
+            "image size.")
+
+
+class CsvLog:
+    """Append-only per-epoch log; rewritten atomically so it is never half a line."""
+
+    def __init__(self, path, fields, keep_existing=False):
+        self.path, self.fields = Path(path), list(fields)
+        self.rows = []
+        if keep_existing and self.path.is_file():
+            with open(self.path, newline="") as handle:
+                self.rows = list(csv.DictReader(handle))
+
+    def append(self, row):
+        self.rows.append({k: row.get(k, "") for k in self.fields})
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.fields)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+    def truncate(self, epochs):
+        self.rows = self.rows[:epochs]
+
+
+def rng_state():
+    """Every random generator a run uses, in a form that loads with weights_only=True."""
+    import random
+    import numpy as np
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    import random
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    saved = state["numpy"]
+    np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                         saved["has_gauss"], saved["gauss"]))
+    saved = state["python"]
+    random.setstate((saved["version"], tuple(saved["internal"]), saved["gauss_next"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
