@@ -226,15 +226,21 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
                     truth = read_mask(item.mask, cfg.data.mask_encoding, len(classes))
                     if truth.shape == mask.shape:
                         confusion += confusion_matrix(mask, truth, len(classes))
-                if len(samples) < s1.samples and 0 < item.label.sum() < len(classes):
+                if len(samples) < s1.samples and item.label.sum() >= 2:  # mixed tiles show the CAM at work
                     samples.append((item, mask, heat[row]))
+    kept = sorted(set(range(len(items))) - set(todo))
+    for index in runtime.shard(kept):  # masks kept from before still count in the score
+        item = items[index]
+        if item.mask is not None:
+            mask = read_mask(folder / pseudo_mask_name(item.image), "index", len(classes))
+            confusion += confusion_matrix(mask, read_mask(item.mask, cfg.data.mask_encoding, len(classes)),
+                                          len(classes))
     confusion = runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
     runtime.barrier()
     if runtime.is_main:
         write_manifest(folder, checkpoint_sha, cfg.name, classes,
                        [pseudo_mask_name(item.image) for item in items], complete=True)
-    skipped = len(items) - len(todo)
-    return confusion, samples, skipped
+    return confusion, samples, len(kept)
 
 
 @torch.no_grad()

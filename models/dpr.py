@@ -48,9 +48,10 @@ def _read_state_dict(path):
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except Exception as error:  # pickled objects, truncated or foreign files
+        detail = str(error).splitlines()[0][:160] if str(error) else "no detail"
         raise ValueError(f"encoder weight file {path} cannot be read as plain weights "
-                         f"({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}).") from None
+                         f"({type(error).__name__}: {detail}).") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

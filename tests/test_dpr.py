@@ -91,3 +91,7 @@ def test_bad_weight_files_are_named(tmp_path):
     assert "layer4" not in message  # deeper stages of a full checkpoint are simply not needed
     with pytest.raises(ValueError, match="does not exist"):
         DPR(ENCODER, num_classes=2, pretrained=tmp_path / "absent.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth cannot be read"):
+        DPR(ENCODER, num_classes=2, pretrained=garbage)

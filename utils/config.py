@@ -183,6 +183,11 @@ def _merge(base, update, source, prefix=""):
         template = DEFAULTS
         for part in dotted.split("."):
             template = template[part]
+        if isinstance(template, float) and isinstance(value, str):
+            try:  # YAML 1.1 reads '1e-3' as a string
+                value = float(value)
+            except ValueError:
+                pass
         if not _type_ok(dotted, template, value):
             expected = (" or ".join(t.__name__ for t in UNION_TYPES.get(dotted, OPTIONAL_TYPES.get(dotted, ())))
                         or type(template).__name__)

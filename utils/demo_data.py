@@ -15,6 +15,7 @@ import numpy as np
 
 from utils.files import write_text
 from utils.imageio import list_images, overlay, read_mask, read_rgb, write_palette_png, write_rgb
+from utils.prepare import label_string
 
 # Optical densities (R, G, B) of haematoxylin and eosin, after Ruifrok & Johnston.
 HAEMATOXYLIN_OD = np.array([0.650, 0.704, 0.286])
@@ -28,13 +29,6 @@ LABEL_MIN_FRACTION = 0.05            # a class is in a tile's label when it cove
 MARKER = ".complete"
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 _DEMO_FILE = re.compile(r"^(train|val|test)_\d{4}")
-
-
-def label_string(mask, num_classes, min_fraction=LABEL_MIN_FRACTION):
-    """'[1, 0]'-style image-level label: a class is present when it covers more than min_fraction."""
-    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
-    present = counts > min_fraction * mask.size
-    return "[" + ", ".join(str(int(p)) for p in present) + "]"
 
 
 # ----------------------------------------------------------------------------------------------- noise
@@ -263,7 +257,7 @@ def _write_domain(root, counts, tile_size, test_size, palette, seed, domain, shi
             stem = f"{split}_{index:04d}"
             if split == "train":
                 image, mask = render_tissue(rng, tile_size, tile_size, _tile_kind(rng), shift)
-                label = label_string(mask, len(palette))
+                label = label_string(mask, len(palette), LABEL_MIN_FRACTION)
                 label_counts[label] = label_counts.get(label, 0) + 1
                 image_name = f"{stem}{label}.png"
             else:

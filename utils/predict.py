@@ -35,7 +35,7 @@ def load_segmenter(path, device):
 
 
 @torch.no_grad()
-def predict_logits(model, image, runtime, window, overlap, batch_size, mean, std):
+def predict_logits(model, image, runtime, window, overlap, batch_size, mean, std, num_classes):
     """Class logits (1 x C x H x W float32, on the device) for one H x W x 3 uint8 image of any size."""
     tensor = normalize_batch(torch.from_numpy(np.ascontiguousarray(image))[None].to(runtime.device), mean, std)
 
@@ -43,9 +43,9 @@ def predict_logits(model, image, runtime, window, overlap, batch_size, mean, std
         with runtime.autocast():
             return model(batch.contiguous(memory_format=torch.channels_last)).float()
 
-    return sliding_window_logits(run, tensor, None, window, overlap, batch_size)
+    return sliding_window_logits(run, tensor, num_classes, window, overlap, batch_size)
 
 
-def predict_mask(model, image, runtime, window, overlap, batch_size, mean, std):
-    logits = predict_logits(model, image, runtime, window, overlap, batch_size, mean, std)
+def predict_mask(model, image, runtime, window, overlap, batch_size, mean, std, num_classes):
+    logits = predict_logits(model, image, runtime, window, overlap, batch_size, mean, std, num_classes)
     return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()

@@ -50,8 +50,8 @@ def freeze_batchnorm(module):
 
 
 def check_finite(loss, epoch, step, checkpoint_hint):
-    if not math.isfinite(float(loss)):
-        raise TrainingError(f"the loss became {float(loss)} at epoch {epoch + 1}, step {step}; training stopped "
+    if not math.isfinite(float(loss.detach())):
+        raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step}; training stopped "
                             f"({checkpoint_hint}). Lower the learning rate or check the data.")
 
 

@@ -1,0 +1,424 @@
+"""Segment tiles, large images and whole-slide images with a stage-2 checkpoint.
+
+    python inference.py --checkpoint runs/demo/stage2/best.pth --input DIR_OR_FILE --output DIR
+
+Writes <stem>_mask.png (class indices, palette colours) and <stem>_overlay.png per image; slides get a
+mask at --downsample, an overlay .jpg on the thumbnail and <stem>.geojson (QuPath annotations, level-0
+pixels). summary.csv has one row per input. Under torchrun each process takes its share of the inputs.
+"""
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from utils.config import ConfigError, load_config
+from utils.files import atomic_path, write_text
+from utils.imageio import IMAGE_SUFFIXES, DataError, overlay, read_rgb, write_palette_png, write_rgb
+from utils.predict import load_segmenter, predict_logits
+from utils.runtime import cleanup, setup_runtime
+from utils.sliding_window import count_windows
+from utils.slide import SLIDE_ONLY_SUFFIXES, Slide, choose_resolution, is_slide, mask_to_geojson, segment_slide
+from utils.transforms import normalize_batch
+
+SUMMARY = "summary.csv"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="stage-2 best.pth or .safetensors")
+    parser.add_argument("--input", required=True, help="an image, a slide, or a folder of them")
+    parser.add_argument("--output", required=True, help="folder for masks, overlays and summary.csv")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
+    parser.add_argument("--window", type=int, help="window size in pixels (default: the checkpoint's)")
+    parser.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the checkpoint's)")
+    parser.add_argument("--save-probs", action="store_true", help="also write an 8-bit probability PNG per class")
+    parser.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+    parser.add_argument("--recursive", action="store_true", help="also look in subfolders")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--mpp", type=float, help="slides: analyse at this many microns per pixel")
+    where.add_argument("--level", type=int, help="slides: analyse this OpenSlide level (default: level 0)")
+    parser.add_argument("--downsample", type=float, default=8.0,
+                        help="slides: level-0 pixels per pixel of the saved mask (default: %(default)s)")
+    return parser
+
+
+def check_args(parser, args):
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.window is not None and args.window < 8:
+        parser.error(f"--window must be at least 8 pixels, got {args.window}.")
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        parser.error(f"--overlap must be in [0, 1), got {args.overlap}.")
+    if args.mpp is not None and args.mpp <= 0:
+        parser.error(f"--mpp must be positive, got {args.mpp}.")
+    if args.downsample < 1:
+        parser.error(f"--downsample must be at least 1, got {args.downsample}.")
+
+
+@dataclass
+class Job:
+    index: int
+    path: Path
+    name: str          # as shown in summary.csv: relative to the input folder
+    out_base: Path     # output path without the "_mask.png" etc. suffix
+    slide: bool
+
+
+def find_inputs(input_path, output_dir, recursive):
+    """Images and slides to segment, sorted; files inside the output folder are never inputs."""
+    input_path = Path(input_path)
+    if input_path.is_file():
+        return [(input_path, Path(input_path.name))]
+    if not input_path.is_dir():
+        raise DataError(f"--input {input_path} does not exist; pass an image, a slide or a folder of them.")
+    output_dir = Path(output_dir).resolve()
+    if output_dir == input_path.resolve():
+        raise DataError(f"--output {output_dir} is the input folder; choose a separate folder so that "
+                        "outputs are never mistaken for inputs.")
+    suffixes = set(IMAGE_SUFFIXES) | set(SLIDE_ONLY_SUFFIXES)
+    pattern = "**/*" if recursive else "*"
+    found = []
+    for path in sorted(input_path.glob(pattern)):
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in suffixes:
+            continue
+        if output_dir in path.resolve().parents:
+            continue
+        found.append((path, path.relative_to(input_path)))
+    if not found:
+        raise DataError(f"--input {input_path} holds no images or slides ({', '.join(sorted(suffixes))})"
+                        f"{'' if recursive else '; add --recursive to search subfolders'}.")
+    return found
+
+
+def plan_jobs(found, output_dir):
+    """One job per input; inputs that would share an output name keep their extension in it."""
+    bases = {}
+    for _, relative in found:
+        key = (relative.parent / relative.stem).as_posix().lower()
+        bases[key] = bases.get(key, 0) + 1
+    jobs = []
+    for index, (path, relative) in enumerate(found):
+        clash = bases[(relative.parent / relative.stem).as_posix().lower()] > 1
+        stem = relative.name.replace(".", "_") if clash else relative.stem
+        jobs.append(Job(index, path, relative.as_posix(), Path(output_dir) / relative.parent / stem, is_slide(path)))
+    return jobs
+
+
+def safe_name(text):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "class"
+
+
+def output_paths(job, classes, save_probs):
+    base = job.out_base
+    paths = {"mask": base.with_name(base.name + "_mask.png"),
+             "overlay": base.with_name(base.name + ("_overlay.jpg" if job.slide else "_overlay.png"))}
+    if job.slide:
+        paths["geojson"] = base.with_name(base.name + ".geojson")
+    if save_probs:
+        for name in classes:
+            paths[f"prob_{name}"] = base.with_name(f"{base.name}_prob_{safe_name(name)}.png")
+    return paths
+
+
+def class_fractions(mask, num_classes):
+    counts = np.bincount(np.asarray(mask).ravel(), minlength=num_classes)[:num_classes]
+    return counts / max(1, counts.sum())
+
+
+def write_probabilities(paths, probs, classes):
+    """One 8-bit grayscale PNG per class: 255 is probability 1."""
+    for name, channel in zip(classes, probs):
+        levels = np.clip(np.rint(channel * 255.0), 0, 255).astype(np.uint8)
+        with atomic_path(paths[f"prob_{name}"]) as tmp:
+            Image.fromarray(levels, mode="L").save(tmp, format="PNG")
+
+
+@torch.no_grad()
+def predict_tile_batch(model, tiles, runtime, window, mean, std):
+    """Logits (N x C x h x w, float32) for N same-size h x w x 3 uint8 tiles no larger than the window.
+
+    Tiles are padded to the window as sliding-window prediction pads one small image, so batching them
+    changes the speed, not the result.
+    """
+    batch = normalize_batch(torch.from_numpy(np.stack(tiles)).to(runtime.device), mean, std)
+    height, width = batch.shape[-2:]
+    pad_bottom, pad_right = window - height, window - width
+    if pad_bottom or pad_right:
+        mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
+        batch = F.pad(batch, (0, pad_right, 0, pad_bottom), mode=mode)
+    with runtime.autocast():
+        logits = model(batch.contiguous(memory_format=torch.channels_last)).float()
+    return logits[..., :height, :width]
+
+
+class Segmenter:
+    """The model with its settings; turns inputs into outputs and summary rows."""
+
+    def __init__(self, model, meta, runtime, args):
+        self.model, self.runtime, self.args = model, runtime, args
+        self.classes = list(meta["classes"])
+        self.palette = [tuple(int(v) for v in c) for c in meta["palette"]]
+        self.mean, self.std = list(meta["mean"]), list(meta["std"])
+        self.window = int(args.window or meta["window"])
+        self.overlap = float(meta["overlap"] if args.overlap is None else args.overlap)
+        self.pending = {}  # (h, w) -> [(job, image, seconds so far)]
+
+    # ----- rows ---------------------------------------------------------------------------------
+    def row(self, job, kind, status, width="", height="", seconds="", fractions=None, downsample="",
+            tiles=("", "")):
+        row = {"file": job.name, "kind": kind, "width": width, "height": height, "mask_downsample": downsample,
+               "seconds": seconds if seconds == "" else f"{seconds:.2f}",
+               "tiles_predicted": tiles[0], "tiles_total": tiles[1]}
+        for index, name in enumerate(self.classes):
+            row[f"frac_{name}"] = "" if fractions is None else f"{fractions[index]:.4f}"
+        row["status"] = status
+        return row
+
+    def columns(self):
+        return list(self.row(Job(0, Path("."), "", Path("."), False), "", "").keys())
+
+    def skipped_row(self, job):
+        paths = output_paths(job, self.classes, self.args.save_probs)
+        fractions, width, height = None, "", ""
+        try:
+            with Image.open(paths["mask"]) as mask:
+                fractions = class_fractions(np.asarray(mask), len(self.classes))
+            if job.slide:
+                with Slide(job.path) as slide:
+                    width, height = slide.dimensions
+            else:
+                with Image.open(job.path) as image:
+                    width, height = image.size
+        except Exception:  # the row is informative only; the outputs already exist
+            pass
+        return self.row(job, "slide" if job.slide else "image", "skipped", width, height, fractions=fractions)
+
+    def error_row(self, job, kind, error):
+        message = " ".join(str(error).split()) or type(error).__name__
+        return self.row(job, kind, f"error: {message}")
+
+    # ----- plain images -------------------------------------------------------------------------
+    def add_image(self, job):
+        """Predict now (large images) or queue for a batched forward (tiles); returns finished rows."""
+        start = time.perf_counter()
+        try:
+            image = read_rgb(job.path)
+        except Exception as error:  # any unreadable file becomes an error row, never a crash
+            return [self.error_row(job, "image", error)]
+        height, width = image.shape[:2]
+        if height <= self.window and width <= self.window:
+            group = self.pending.setdefault((height, width), [])
+            group.append((job, image, time.perf_counter() - start))
+            rows = self.flush((height, width)) if len(group) >= self.args.batch_size else []
+            if sum(len(g) for g in self.pending.values()) > 4 * self.args.batch_size:
+                rows += self.flush(max(self.pending, key=lambda k: len(self.pending[k])))
+            return rows
+        try:
+            logits = predict_logits(self.model, image, self.runtime, self.window, self.overlap,
+                                    self.args.batch_size, self.mean, self.std, len(self.classes))
+            probs = torch.softmax(logits[0], dim=0).cpu().numpy()
+        except torch.OutOfMemoryError:
+            return [self.error_row(job, "image", f"{job.path}: out of memory on {self.runtime.device}; "
+                                   "lower --batch-size or use --device cpu.")]
+        return [self.finish_image(job, "image", image, probs, start, time.perf_counter() - start)]
+
+    def flush(self, key):
+        group = self.pending.pop(key, [])
+        if not group:
+            return []
+        start = time.perf_counter()
+        try:
+            logits = predict_tile_batch(self.model, [image for _, image, _ in group], self.runtime,
+                                        self.window, self.mean, self.std)
+            probs = torch.softmax(logits, dim=1).cpu().numpy()
+        except torch.OutOfMemoryError:
+            return [self.error_row(job, "tile", f"{job.path}: out of memory on {self.runtime.device}; "
+                                   "lower --batch-size.") for job, _, _ in group]
+        share = (time.perf_counter() - start) / len(group)
+        return [self.finish_image(job, "tile", image, prob, time.perf_counter(), read_seconds + share)
+                for (job, image, read_seconds), prob in zip(group, probs)]
+
+    def flush_all(self):
+        rows = []
+        for key in list(self.pending):
+            rows += self.flush(key)
+        return rows
+
+    def finish_image(self, job, kind, image, probs, write_start, seconds):
+        paths = output_paths(job, self.classes, self.args.save_probs)
+        mask = probs.argmax(axis=0).astype(np.uint8)
+        try:
+            if self.args.save_probs:
+                write_probabilities(paths, probs, self.classes)
+            write_rgb(paths["overlay"], overlay(image, mask, self.palette))
+            write_palette_png(paths["mask"], mask, self.palette)  # last: its presence marks a finished input
+        except OSError as error:
+            return self.error_row(job, kind, f"writing outputs for {job.path} failed ({error}).")
+        seconds += time.perf_counter() - write_start
+        height, width = mask.shape
+        windows = count_windows(height, width, self.window, self.overlap)
+        return self.row(job, kind, "ok", width, height, seconds, class_fractions(mask, len(self.classes)), 1,
+                        (windows, windows))
+
+    # ----- slides -------------------------------------------------------------------------------
+    def run_slide(self, job, position):
+        start = time.perf_counter()
+        args = self.args
+        try:
+            with Slide(job.path) as slide:
+                resolution = choose_resolution(slide, args.mpp, args.level)
+                bar = tqdm(desc=f"  {job.path.name}", unit="tile", leave=False, position=position,
+                           disable=not self.runtime.is_main)
+
+                def progress(done, total):
+                    bar.total = total
+                    bar.n = done
+                    bar.refresh()
+
+                def predict(images):
+                    return predict_tile_batch(self.model, list(images), self.runtime, self.window,
+                                              self.mean, self.std)
+
+                try:
+                    result = segment_slide(slide, predict, len(self.classes), self.window, self.overlap,
+                                           args.batch_size, resolution, args.downsample, progress)
+                finally:
+                    bar.close()
+                dimensions = slide.dimensions
+        except (DataError, OSError, MemoryError) as error:
+            return self.error_row(job, "slide", error)
+        except torch.OutOfMemoryError:
+            return self.error_row(job, "slide", f"{job.path}: out of memory on {self.runtime.device}; "
+                                  "lower --batch-size.")
+        paths = output_paths(job, self.classes, args.save_probs)
+        try:
+            thumb_mask = np.asarray(Image.fromarray(result.mask).resize(
+                (result.thumbnail.shape[1], result.thumbnail.shape[0]), Image.NEAREST))
+            write_rgb(paths["overlay"], overlay(result.thumbnail, thumb_mask, self.palette))
+            if args.save_probs:
+                write_probabilities(paths, result.probabilities, self.classes)
+            geojson = mask_to_geojson(result.mask, self.classes, self.palette, result.mask_downsample, dimensions)
+            write_text(paths["geojson"], _compact_json(geojson))
+            write_palette_png(paths["mask"], result.mask, self.palette)
+        except OSError as error:
+            return self.error_row(job, "slide", f"writing outputs for {job.path} failed ({error}).")
+        return self.row(job, "slide", "ok", dimensions[0], dimensions[1], time.perf_counter() - start,
+                        class_fractions(result.mask, len(self.classes)), f"{result.mask_downsample:g}",
+                        (result.tiles_predicted, result.tiles_total))
+
+
+def _compact_json(obj):
+    return json.dumps(obj, separators=(",", ":")) + "\n"
+
+
+def write_summary(path, columns, rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def merge_rank_summaries(output_dir, world_size, columns, order, poll_seconds=2.0):
+    """Rank 0: wait for every rank's rows (a file poll, so slow ranks cannot time out a barrier), merge."""
+    parts = [output_dir / f"summary.rank{rank}.csv" for rank in range(world_size)]
+    while not all(p.is_file() for p in parts):
+        time.sleep(poll_seconds)
+    rows = []
+    for part in parts:
+        with open(part, newline="", encoding="utf-8") as handle:
+            rows += list(csv.DictReader(handle))
+    rows.sort(key=lambda r: order.get(r["file"], len(order)))
+    write_summary(output_dir / SUMMARY, columns, rows)
+    for part in parts:
+        part.unlink()
+    return rows
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    cfg = load_config(None, [f"device={args.device}"])
+    try:
+        runtime = setup_runtime(cfg)
+    except RuntimeError as error:
+        raise ConfigError(f"--device {args.device} cannot be used ({str(error).splitlines()[0]}); "
+                          "try --device cpu.") from None
+    try:
+        return run(args, runtime)
+    finally:
+        cleanup(runtime)
+
+
+def run(args, runtime):
+    model, meta = load_segmenter(args.checkpoint, runtime.device)
+    output_dir = Path(args.output)
+    jobs = plan_jobs(find_inputs(args.input, output_dir, args.recursive), output_dir)
+    segmenter = Segmenter(model, meta, runtime, args)
+    rank_summary = output_dir / f"summary.rank{runtime.rank}.csv"
+    if runtime.distributed:
+        rank_summary.unlink(missing_ok=True)
+        runtime.barrier()  # no rank may see another's stale rows from an earlier run
+    mine = runtime.shard(jobs)
+    if runtime.is_main:
+        print(f"{len(jobs)} input(s) -> {output_dir}; window {segmenter.window}, overlap {segmenter.overlap}, "
+              f"device {runtime.device}" + (f", {runtime.world_size} processes" if runtime.distributed else ""))
+        if any(job.slide for job in jobs):
+            where = (f"{args.mpp} um/px" if args.mpp else f"level {args.level}" if args.level is not None
+                     else "level 0")
+            print(f"slides: analysed at {where}; masks and GeoJSON at downsample {args.downsample:g} "
+                  "(level-0 pixels per mask pixel)")
+
+    rows = []
+    bar = tqdm(total=len(mine), desc="inference", unit="file", disable=not runtime.is_main)
+    for job in mine:
+        finished = []
+        if not args.overwrite and all(p.is_file() for p in output_paths(job, segmenter.classes,
+                                                                        args.save_probs).values()):
+            finished = [segmenter.skipped_row(job)]
+        elif job.slide:
+            finished = [segmenter.run_slide(job, position=1)]
+        else:
+            finished = segmenter.add_image(job)
+        rows += finished
+        bar.update(len(finished))
+    rows += segmenter.flush_all()
+    bar.update(len(mine) - bar.n)
+    bar.close()
+
+    columns = segmenter.columns()
+    if runtime.distributed:
+        write_summary(rank_summary, columns, rows)
+        if not runtime.is_main:
+            return 1 if any(r["status"].startswith("error") for r in rows) else 0
+        rows = merge_rank_summaries(output_dir, runtime.world_size, columns, {j.name: j.index for j in jobs})
+    else:
+        order = {job.name: job.index for job in jobs}
+        rows.sort(key=lambda r: order[r["file"]])
+        write_summary(output_dir / SUMMARY, columns, rows)
+
+    failed = [r for r in rows if r["status"].startswith("error")]
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    print(f"{len(rows) - len(failed) - skipped} done, {skipped} skipped (outputs exist; --overwrite redoes "
+          f"them), {len(failed)} failed; see {output_dir / SUMMARY}")
+    for row in failed:
+        print(f"  {row['file']}: {row['status']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    from utils.cli import run_main
+    run_main(main, sys.argv[1:])

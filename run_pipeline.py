@@ -1,0 +1,40 @@
+"""The whole pipeline on one config: stage 1, stage 2, then inference on the test images.
+
+    python run_pipeline.py --config configs/demo.yaml [--set stage1.epochs=3 ...]
+
+Each step is the numbered script of the same name, run in this process with the same settings.
+"""
+import importlib
+import sys
+from pathlib import Path
+
+from utils.cli import run_main
+from utils.config import base_parser, load_config, run_dir
+
+
+def step(script, argv):
+    print(f"\n=== {script} {' '.join(argv)}", flush=True)
+    module = importlib.import_module(script)
+    code = module.main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+def main(argv=None):
+    parser = base_parser(__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)  # validate once, before any work
+    common = ["--config", args.config] + [arg for text in args.overrides for arg in ("--set", text)]
+    step("1_train_stage1", common)
+    step("2_train_stage2", common)
+    stage2 = run_dir(cfg, "stage2")
+    step("inference", ["--checkpoint", str(stage2 / "best.pth"), "--input", str(Path(cfg.data.root) / "test" / "img"),
+                       "--output", str(run_dir(cfg, "inference")), "--overwrite", "--device", cfg.device])
+    print(f"\ndone: stage-1 and stage-2 metrics in {run_dir(cfg, 'stage1')}/metrics.json and "
+          f"{stage2}/metrics.json; masks and overlays in {run_dir(cfg, 'inference')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    run_main(main, sys.argv[1:])

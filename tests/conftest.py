@@ -1,0 +1,45 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GLAS = ROOT.parent / "shared" / "data" / "glas"
+
+
+def save_png(path, array, mode=None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array), mode=mode).save(path)
+    return path
+
+
+@pytest.fixture
+def glas_dir():
+    if not GLAS.is_dir():
+        pytest.skip("../shared/data/glas is not present")
+    return GLAS
+
+
+def load_script(name):
+    """Import a numbered script (its file name starts with a digit) as a module."""
+    import importlib
+    return importlib.import_module(name)
+
+
+TINY_DEMO = [  # a few small synthetic tiles and a small network: seconds on a CPU
+    "demo.train_images=48", "demo.val_images=3", "demo.test_images=3", "demo.tile_size=64",
+    "demo.test_size=[96,80]", "demo.target_domain=false", "stage1.image_size=64", "stage1.epochs=4",
+    "stage1.batch_size=8", "stage1.backbone=resnet10t", "stage1.samples=2", "num_workers=0",
+    "stage2.encoder=resnet10t", "stage2.crop_size=64", "stage2.window=64", "stage2.epochs=3",
+    "stage2.batch_size=8", "inference.window=64", "device=cpu",
+]
+
+
+def tiny_demo_args(tmp_path, *extra):
+    overrides = TINY_DEMO + [f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", *extra]
+    return ["--config", str(ROOT / "configs" / "demo.yaml")] + [a for o in overrides for a in ("--set", o)]

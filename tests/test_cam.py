@@ -1,0 +1,43 @@
+import torch
+
+from utils.cam import cams_to_masks, normalise_cams
+from utils.imageio import IGNORE_INDEX
+
+
+def test_absent_classes_never_win():
+    cams = torch.zeros(1, 3, 4, 4)
+    cams[0, 2] = 10.0          # strongest everywhere, but absent from the label
+    cams[0, 1, :2] = 1.0
+    cams[0, 0, 2:] = 1.0
+    masks = cams_to_masks(cams, torch.tensor([[1, 1, 0]]))
+    assert (masks[0, :2] == 1).all() and (masks[0, 2:] == 0).all()
+
+
+def test_single_class_tile_is_that_class_everywhere():
+    cams = torch.rand(2, 2, 5, 5)
+    masks = cams_to_masks(cams, torch.tensor([[0, 1], [1, 0]]))
+    assert (masks[0] == 1).all() and (masks[1] == 0).all()
+
+
+def test_flat_cam_gives_no_nan_and_no_foreground():
+    cams = torch.zeros(1, 2, 6, 6)
+    assert torch.isfinite(normalise_cams(cams)).all()
+    masks = cams_to_masks(cams, torch.tensor([[1, 1]]))
+    assert (masks == 0).all()  # unactivated pixels fall back to background, never to a foreground class
+
+
+def test_unactivated_pixels_without_background_are_ignored():
+    cams = torch.zeros(1, 3, 2, 2)
+    cams[0, 1, 0, 0] = 1.0
+    cams[0, 2, 1, 1] = 1.0
+    masks = cams_to_masks(cams, torch.tensor([[0, 1, 1]]))
+    assert masks[0, 0, 0] == 1 and masks[0, 1, 1] == 2
+    assert masks[0, 0, 1] == IGNORE_INDEX and masks[0, 1, 0] == IGNORE_INDEX
+
+
+def test_classes_compared_after_normalisation():
+    cams = torch.zeros(1, 2, 1, 2)
+    cams[0, 0] = torch.tensor([100.0, 10.0])   # background peaks at 100
+    cams[0, 1] = torch.tensor([0.5, 1.0])      # gland peaks at 1
+    masks = cams_to_masks(cams, torch.tensor([[1, 1]]))
+    assert masks[0, 0].tolist() == [0, 1]

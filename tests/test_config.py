@@ -1,0 +1,55 @@
+import pytest
+
+from utils.config import ConfigError, load_config, parse_override, save_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+    names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
+    assert {"demo", "glas", "digestpath", "wien", "hph"} <= set(names)
+    for name in names:
+        cfg = load_config(f"configs/{name}.yaml")
+        assert len(cfg.data.palette) == len(cfg.data.classes)
+
+
+def test_overrides_apply_with_types(tmp_path):
+    cfg = load_config(write(tmp_path, "stage1: {epochs: 4}\n"), ["stage1.epochs=2", "stage1.lr=1e-3",
+                                                                 "stage2.pretrained=weights.pth"])
+    assert cfg.stage1.epochs == 2 and cfg.stage1.lr == pytest.approx(1e-3)
+    assert cfg.stage2.pretrained == "weights.pth"
+    assert cfg.name == "c"  # name defaults to the file's stem
+
+
+@pytest.mark.parametrize("text, key", [
+    ("stage1: {epoks: 3}\n", "stage1.epoks"),
+    ("stage1: {epochs: three}\n", "stage1.epochs"),
+    ("stage1: {epochs: -1}\n", "stage1.epochs"),
+    ("data: {mask_encoding: rgb}\n", "data.mask_encoding"),
+    ("data: {classes: [a, b, c]}\n", "data.palette"),
+    ("stage1: 5\n", "stage1"),
+])
+def test_bad_settings_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="stage1.nope"):
+        load_config(None, ["stage1.nope=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("stage1.epochs")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/glas.yaml", ["seed=7"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again.to_dict() == cfg.to_dict()

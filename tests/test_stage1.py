@@ -1,0 +1,40 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from conftest import load_script, tiny_demo_args
+from utils.data import train_items
+from utils.imageio import read_mask
+from utils.metrics import confusion_matrix, scores
+
+
+def test_stage1_end_to_end_on_tiny_demo(tmp_path):
+    stage1 = load_script("1_train_stage1")
+    assert stage1.main(tiny_demo_args(tmp_path)) == 0
+
+    out = tmp_path / "runs" / "demo" / "stage1"
+    for name in ("config.yaml", "checkpoint.pth", "log.csv", "metrics.json", "samples.png"):
+        assert (out / name).is_file(), name
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"train", "val", "test"}
+    for values in metrics.values():
+        assert 0 <= values["miou"] <= 1 and len(values["iou"]) == 2
+
+    items = train_items(tmp_path / "data", 2)
+    folder = tmp_path / "data" / "train" / "pseudo_mask"
+    pseudo = {p.name for p in folder.glob("*.png")}
+    assert pseudo == {i.image.name for i in items}
+    assert json.loads((folder / "manifest.json").read_text())["complete"] is True
+    assert Image.open(folder / items[0].image.name).mode == "P"
+
+    # pseudo-masks must beat the best constant mask on the training tiles
+    truth = [read_mask(i.mask, "index", 2) for i in items]
+    constant = max(scores(sum(confusion_matrix(np.full_like(t, c), t, 2) for t in truth))["miou"] for c in (0, 1))
+    assert metrics["train"]["miou"] > constant + 0.1
+
+    # rerunning only the mask step from the checkpoint keeps the finished files
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    assert stage1.main(tiny_demo_args(tmp_path) + ["--masks-only"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == before
