@@ -136,6 +136,13 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             model, device_ids=None if runtime.device.type == "cpu" else [runtime.device])
     if cfg.compile and hasattr(torch, "compile"):
         trainer = torch.compile(trainer)
+    if s2.epochs == 0:  # evaluate a given model as it is (the "before" of few-shot adaptation)
+        if not s2.init_from:
+            raise TrainingError("stage2.epochs is 0 and no stage2.init_from is set: there is no model to score.")
+        if runtime.is_main:
+            save_stage2(best_path, model, cfg, {"epoch": 0})
+        runtime.barrier()
+        return best_path
     scaler = runtime.grad_scaler()
     for epoch in range(start_epoch, s2.epochs):
         if sampler is not None:
@@ -201,8 +208,6 @@ def main(argv=None):
 
     model = build_segmenter(cfg)
     best_path = train_segmenter(cfg, model, runtime, out_dir, val_items, args.resume)
-    if not best_path.is_file():
-        raise TrainingError(f"no {best_path} was written (stage2.epochs is 0?); train at least one epoch.")
     model.load_state_dict(load_checkpoint(best_path, STAGE2_FORMAT)["model"])
     metrics = {"val": scores(evaluate(model, val_items, cfg, runtime))}
     if test_items:

@@ -156,7 +156,7 @@ def predict_tile_batch(model, tiles, runtime, window, mean, std):
     height, width = batch.shape[-2:]
     pad_bottom, pad_right = window - height, window - width
     if pad_bottom or pad_right:
-        mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
+        mode = "replicate" if pad_bottom < height and pad_right < width else "replicate"
         batch = F.pad(batch, (0, pad_right, 0, pad_bottom), mode=mode)
     with runtime.autocast():
         logits = model(batch.contiguous(memory_format=torch.channels_last)).float()

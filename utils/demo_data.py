@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from utils.config import ConfigError
 from utils.files import write_text
 from utils.imageio import list_images, overlay, read_mask, read_rgb, write_palette_png, write_rgb
 from utils.prepare import label_string
@@ -329,7 +330,7 @@ def generate_demo_dataset(root, demo_cfg, palette, seed=0, stain_shift=None):
     tile_size = int(demo_cfg["tile_size"])
     test_size = [int(v) for v in demo_cfg["test_size"]]
     if tile_size < 16 or len(test_size) != 2 or min(test_size) < 16:
-        raise ValueError(f"demo.tile_size ({tile_size}) and demo.test_size ({test_size}, [width, height]) "
+        raise ConfigError(f"demo.tile_size ({tile_size}) and demo.test_size ({test_size}, [width, height]) "
                          "must be at least 16 pixels.")
     marker = root / MARKER
     marker.unlink(missing_ok=True)
