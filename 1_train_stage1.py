@@ -23,7 +23,7 @@ from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir, save_config
 from utils.data import ClassificationSet, load_pair, split_items, train_items
 from utils.files import write_json
-from utils.imageio import read_mask, read_rgb
+from utils.imageio import IGNORE_INDEX, read_mask, read_rgb
 from utils.metrics import confusion_matrix, scores
 from utils.pseudo_masks import PngWriter, file_sha256, pseudo_mask_name, read_manifest, write_manifest
 from utils.runtime import cleanup, loader_options, setup_runtime, unwrap
@@ -105,7 +105,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
             set_rng_state(state["rng"])
         start_epoch, step = state["epoch"], state["step"]
         log.truncate(start_epoch)
-        print(f"resuming stage 1 at epoch {start_epoch + 1} of {s1.epochs}")
+        if runtime.is_main:
+            print(f"resuming stage 1 at epoch {start_epoch + 1} of {s1.epochs}")
     trainer = model
     if runtime.distributed:
         trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if runtime.device.type == "cpu"
@@ -148,6 +149,7 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         row = {"epoch": epoch + 1, "loss": round(totals[0].item() / max(totals[3].item(), 1), 5),
                "accuracy": round(totals[1].item() / max(totals[2].item(), 1), 5),
                "lr": f"{optimizer.param_groups[0]['lr']:.3g}", "seconds": round(seconds, 1)}
+        runtime.broadcast_buffers(model)  # the pseudo-masks of every rank then come from the saved weights
         if runtime.is_main:
             log.append(row)
             tqdm.write(f"stage 1 epoch {row['epoch']}: loss {row['loss']}, label accuracy {row['accuracy']}, "
@@ -186,6 +188,11 @@ class TileSet(torch.utils.data.Dataset):
         return tensor, torch.from_numpy(self.items[index].label), torch.tensor(image.shape[:2]), index
 
 
+def pseudo_mask_confusion(mask, truth, num_classes):
+    """Pixels a pseudo-mask leaves unlabelled (ignore) are not scored; stage 2 does not learn from them."""
+    return confusion_matrix(mask, np.where(mask == IGNORE_INDEX, IGNORE_INDEX, truth), num_classes)
+
+
 @torch.no_grad()
 def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=False):
     """Pseudo-masks for the training tiles (this rank's share), scored against train/mask when present."""
@@ -195,11 +202,17 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
     reuse = (not overwrite and previous is not None and previous.get("checkpoint_sha256") == checkpoint_sha)
     todo = [i for i, item in enumerate(items)
             if not (reuse and (folder / pseudo_mask_name(item.image)).is_file())]
+    runtime.barrier()  # every rank has read the old manifest before rank 0 replaces it
     if runtime.is_main:
         folder.mkdir(parents=True, exist_ok=True)
+        if not reuse:  # else, once the manifest names this checkpoint, a cut-short run would keep them as its own
+            for index in todo:
+                (folder / pseudo_mask_name(items[index].image)).unlink(missing_ok=True)
         write_manifest(folder, checkpoint_sha, cfg.name, classes, [], complete=False)
     runtime.barrier()
-    mine = runtime.shard(todo)
+    # whole batches per rank, each as a single process would form it: masks do not depend on the rank count
+    batches = [todo[start:start + s1.cam_batch_size] for start in range(0, len(todo), s1.cam_batch_size)]
+    mine = [index for batch in runtime.shard(batches) for index in batch]
     dataset = torch.utils.data.Subset(TileSet(items, s1.image_size, cfg.data.mean, cfg.data.std), mine)
     loader = DataLoader(dataset, batch_size=s1.cam_batch_size, **loader_options(runtime, train=False))
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
@@ -209,9 +222,12 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
         for images, labels, sizes, indices in tqdm(loader, desc="pseudo-masks", disable=not runtime.is_main):
             images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             uniform = bool((sizes == sizes[0]).all())
-            with runtime.autocast():
-                cams, _ = multi_layer_cam(model, images, tuple(sizes[0].tolist()) if uniform
-                                          else images.shape[-2:], s1.cam_weights, s1.cam_scales, s1.cam_flip)
+            try:
+                with runtime.autocast():
+                    cams, _ = multi_layer_cam(model, images, tuple(sizes[0].tolist()) if uniform
+                                              else images.shape[-2:], s1.cam_weights, s1.cam_scales, s1.cam_flip)
+            except torch.OutOfMemoryError:
+                raise TrainingError(out_of_memory_message("stage1.cam_batch_size")) from None
             masks = cams_to_masks(cams, labels)
             heat = heatmap_of(cams, labels)
             masks, heat = masks.cpu().numpy(), heat.cpu().numpy()
@@ -225,7 +241,9 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
                 if item.mask is not None:
                     truth = read_mask(item.mask, cfg.data.mask_encoding, len(classes))
                     if truth.shape == mask.shape:
-                        confusion += confusion_matrix(mask, truth, len(classes))
+                        confusion += pseudo_mask_confusion(mask, truth, len(classes))
+                    else:
+                        tqdm.write(f"warning: {item.mask} is not the size of its image; left out of the score.")
                 if len(samples) < s1.samples and item.label.sum() >= 2:  # mixed tiles show the CAM at work
                     samples.append((item, mask, heat[row]))
     kept = sorted(set(range(len(items))) - set(todo))
@@ -233,8 +251,9 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
         item = items[index]
         if item.mask is not None:
             mask = read_mask(folder / pseudo_mask_name(item.image), "index", len(classes))
-            confusion += confusion_matrix(mask, read_mask(item.mask, cfg.data.mask_encoding, len(classes)),
-                                          len(classes))
+            truth = read_mask(item.mask, cfg.data.mask_encoding, len(classes))
+            if truth.shape == mask.shape:
+                confusion += pseudo_mask_confusion(mask, truth, len(classes))
     confusion = runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
     runtime.barrier()
     if runtime.is_main:
@@ -257,7 +276,7 @@ def score_whole_images(cfg, model, split_list, runtime, scale):
                                                   s1.cam_flip)
         labels = (probabilities > s1.label_threshold).float()
         mask = cams_to_masks(cams, labels)[0].cpu().numpy()
-        confusion += confusion_matrix(mask, truth, num_classes)
+        confusion += pseudo_mask_confusion(mask, truth, num_classes)
     return runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
 
 

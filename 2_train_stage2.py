@@ -81,8 +81,11 @@ def evaluate(model, items, cfg, runtime, save_dir=None):
     model.eval()
     for item in tqdm(runtime.shard(items), desc="evaluating", leave=False, disable=not runtime.is_main):
         image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
-        mask = predict_mask(model, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
-                            cfg.data.mean, cfg.data.std, num_classes)
+        try:
+            mask = predict_mask(model, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
+                                cfg.data.mean, cfg.data.std, num_classes)
+        except torch.OutOfMemoryError:
+            raise TrainingError(out_of_memory_message("stage2.eval_batch_size")) from None
         confusion += confusion_matrix(mask, truth, num_classes)
         if save_dir is not None:
             write_palette_png(save_dir / "predictions" / f"{item.stem}.png", mask, cfg.data.palette)
@@ -110,7 +113,11 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
                         **loader_options(runtime, train=True))
     if runtime.is_main:
         print(f"stage 2 on {len(dataset)} images with {'ground-truth' if encoding != 'index' or s2.train_masks == 'ground_truth' else 'pseudo'} masks")
-    if s2.sync_bn and runtime.distributed:
+    if s2.sync_bn and runtime.distributed and runtime.device.type != "cuda":
+        if runtime.is_main:  # torch synchronises BatchNorm across GPUs only
+            print(f"stage2.sync_bn is ignored on {runtime.device.type}: each process keeps its own BatchNorm "
+                  "statistics")
+    elif s2.sync_bn and runtime.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(runtime.device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay)
@@ -129,7 +136,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         set_rng_state(state["rng"])
         start_epoch, step, best = state["epoch"], state["step"], state["best_miou"]
         log.truncate(start_epoch)
-        print(f"resuming stage 2 at epoch {start_epoch + 1} of {s2.epochs}")
+        if runtime.is_main:
+            print(f"resuming stage 2 at epoch {start_epoch + 1} of {s2.epochs}")
     trainer = model
     if runtime.distributed:
         trainer = torch.nn.parallel.DistributedDataParallel(
@@ -170,6 +178,9 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             step += 1
             loss_sum, seen = loss_sum + loss.item() * len(batch), seen + len(batch)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) the same BatchNorm statistics
+        loss_sum, seen = runtime.all_reduce_sum(
+            torch.tensor([loss_sum, seen], dtype=torch.float64, device=runtime.device)).tolist()
         values = scores(evaluate(model, val_items, cfg, runtime))
         improved = values["miou"] > best
         best = max(best, values["miou"])

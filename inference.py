@@ -145,6 +145,48 @@ def write_probabilities(paths, probs, classes):
             Image.fromarray(levels, mode="L").save(tmp, format="PNG")
 
 
+def read_image(path):
+    """H x W x 3 uint8. TIFFs go through tifffile first: PIL misreads 16-bit RGB and cannot read float RGB."""
+    if Path(path).suffix.lower() in (".tif", ".tiff"):
+        try:
+            image = _read_tiff(path)
+        except Exception:  # compressions or layouts tifffile cannot decode here: PIL may still read them
+            image = None
+        if image is not None:
+            return image
+    return read_rgb(path)
+
+
+def _read_tiff(path):
+    """The first page as RGB uint8, or None for layouts better left to PIL (palette, CMYK, ...)."""
+    import tifffile
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+            return None
+        array = page.asarray()
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar storage
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        return None
+    if array.dtype != np.uint8:
+        values = array.astype(np.float64)
+        peak = float(values[..., :3].max()) if values.size else 0.0
+        if np.issubdtype(array.dtype, np.floating) and peak <= 1.0:
+            values *= 255.0
+        elif peak > 255:
+            values *= 255.0 / peak
+        array = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:].astype(np.float32) / 255.0
+        array = np.rint(array[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
 @torch.no_grad()
 def predict_tile_batch(model, tiles, runtime, window, mean, std):
     """Logits (N x C x h x w, float32) for N same-size h x w x 3 uint8 tiles no larger than the window.
@@ -156,7 +198,7 @@ def predict_tile_batch(model, tiles, runtime, window, mean, std):
     height, width = batch.shape[-2:]
     pad_bottom, pad_right = window - height, window - width
     if pad_bottom or pad_right:
-        mode = "replicate" if pad_bottom < height and pad_right < width else "replicate"
+        mode = "reflect" if pad_bottom < height and pad_right < width else "replicate"
         batch = F.pad(batch, (0, pad_right, 0, pad_bottom), mode=mode)
     with runtime.autocast():
         logits = model(batch.contiguous(memory_format=torch.channels_last)).float()
@@ -187,23 +229,25 @@ class Segmenter:
         return row
 
     def columns(self):
-        return list(self.row(Job(0, Path("."), "", Path("."), False), "", "").keys())
+        return (["file", "kind", "width", "height", "mask_downsample", "seconds", "tiles_predicted", "tiles_total"]
+                + [f"frac_{name}" for name in self.classes] + ["status"])
 
     def skipped_row(self, job):
+        """A row for an input whose outputs exist: fractions from the saved mask, sizes from the input."""
         paths = output_paths(job, self.classes, self.args.save_probs)
-        fractions, width, height = None, "", ""
+        fractions, width, height, kind = None, "", "", "slide" if job.slide else "image"
         try:
-            with Image.open(paths["mask"]) as mask:
-                fractions = class_fractions(np.asarray(mask), len(self.classes))
+            mask = np.asarray(Image.open(paths["mask"]))
+            fractions = class_fractions(mask, len(self.classes))
             if job.slide:
                 with Slide(job.path) as slide:
                     width, height = slide.dimensions
-            else:
-                with Image.open(job.path) as image:
-                    width, height = image.size
+            else:  # a plain image's mask has the image's size
+                height, width = mask.shape
+                kind = "tile" if max(width, height) <= self.window else "image"
         except Exception:  # the row is informative only; the outputs already exist
             pass
-        return self.row(job, "slide" if job.slide else "image", "skipped", width, height, fractions=fractions)
+        return self.row(job, kind, "skipped", width, height, fractions=fractions)
 
     def error_row(self, job, kind, error):
         message = " ".join(str(error).split()) or type(error).__name__
@@ -214,7 +258,7 @@ class Segmenter:
         """Predict now (large images) or queue for a batched forward (tiles); returns finished rows."""
         start = time.perf_counter()
         try:
-            image = read_rgb(job.path)
+            image = read_image(job.path)
         except Exception as error:  # any unreadable file becomes an error row, never a crash
             return [self.error_row(job, "image", error)]
         height, width = image.shape[:2]
@@ -355,8 +399,8 @@ def main(argv=None):
     try:
         runtime = setup_runtime(cfg)
     except RuntimeError as error:
-        raise ConfigError(f"--device {args.device} cannot be used ({str(error).splitlines()[0]}); "
-                          "try --device cpu.") from None
+        reason = str(error).splitlines()[0].split(";")[0]  # its own advice names a config key, not this flag
+        raise ConfigError(f"--device {args.device} cannot be used ({reason}); use --device cpu or auto.") from None
     try:
         return run(args, runtime)
     finally:

@@ -116,20 +116,25 @@ def conv_bn_relu(in_channels, out_channels, kernel_size):
     )
 
 
+def upsample(x, size):
+    """Bilinear resize in float32: its backward accumulates with atomics, which crawl on bf16/fp16 GPUs."""
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+
+
 class PyramidPooling(nn.Module):
     """Pool at several grid sizes, project to C/4 channels, upsample back and concatenate with the input."""
 
     def __init__(self, channels, bins=PYRAMID_BINS):
         super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(channels, channels // 4, 1)) for b in bins)
-        self.out_channels = channels + len(bins) * (channels // 4)
+        self.bins = tuple(bins)
+        self.branches = nn.ModuleList(conv_bn_relu(channels, channels // 4, 1) for _ in self.bins)
+        self.out_channels = channels + len(self.bins) * (channels // 4)
 
     def forward(self, x):
         size = x.shape[-2:]
-        pooled = [F.interpolate(branch(x), size=size, mode="bilinear", align_corners=False)
-                  for branch in self.branches]
-        return torch.cat([x] + pooled, dim=1)
+        pooled = [upsample(branch(F.adaptive_avg_pool2d(x.float(), b)), size)
+                  for b, branch in zip(self.bins, self.branches)]
+        return torch.cat([x] + [p.to(x.dtype) for p in pooled], dim=1)
 
 
 class RefinementAttention(nn.Module):
@@ -190,8 +195,8 @@ class DPR(nn.Module):
         size = x.shape[-2:]
         features = self.encoder(x)[-1]
         main = self.main_head(self.pyramid(features))
-        main = self.refine(F.interpolate(main, size=size, mode="bilinear", align_corners=False))
+        main = self.refine(upsample(main, size))
         if not self.training:
             return main
-        aux = F.interpolate(self.aux_head(features), size=size, mode="bilinear", align_corners=False)
+        aux = upsample(self.aux_head(features), size)
         return {"main": main, "aux": aux}

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -14,7 +15,7 @@ from utils.checkpoint import CheckpointError
 from utils.cli import run_main
 from utils.predict import load_segmenter, predict_logits
 from utils.runtime import Runtime
-from utils.slide import (LogitStitcher, Resolution, is_slide, mask_to_geojson, segment_slide, tile_grid)
+from utils.slide import Resolution, is_slide, mask_to_geojson, segment_slide, tile_grid
 
 ENCODER = "resnet10t"
 WINDOW = 64
@@ -61,6 +62,8 @@ def test_folder_of_mixed_formats_with_a_corrupt_file(tmp_path, checkpoint):
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "photo.jpg")
     Image.fromarray(rng.integers(0, 256, (40, 48, 4), dtype=np.uint8)).save(folder / "alpha.png")
     Image.fromarray(rng.integers(0, 256, (100, 90), dtype=np.uint8)).save(folder / "gray.tif")
+    deep = rng.integers(0, 65536, (50, 60, 3)).astype(np.uint16)
+    tifffile.imwrite(folder / "deep.tif", deep, photometric="rgb")
     (folder / "broken.png").write_bytes((folder / "rgb.png").read_bytes()[:300])
     before = digest(folder)
     argv = ["--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out), "--device", "cpu",
@@ -68,10 +71,11 @@ def test_folder_of_mixed_formats_with_a_corrupt_file(tmp_path, checkpoint):
 
     assert inference.main(argv) == 1
     rows = read_summary(out)
-    assert set(rows) == {"rgb.png", "photo.jpg", "alpha.png", "gray.tif", "broken.png"}
+    assert set(rows) == {"rgb.png", "photo.jpg", "alpha.png", "gray.tif", "deep.tif", "broken.png"}
     assert rows["broken.png"]["status"].startswith("error: ") and "broken.png" in rows["broken.png"]["status"]
     assert not (out / "broken_mask.png").exists()
-    sizes = {"rgb.png": (64, 64), "photo.jpg": (64, 64), "alpha.png": (48, 40), "gray.tif": (90, 100)}
+    sizes = {"rgb.png": (64, 64), "photo.jpg": (64, 64), "alpha.png": (48, 40), "gray.tif": (90, 100),
+             "deep.tif": (60, 50)}
     for name, size in sizes.items():
         stem = name.split(".")[0]
         mask = Image.open(out / f"{stem}_mask.png")
@@ -87,6 +91,9 @@ def test_folder_of_mixed_formats_with_a_corrupt_file(tmp_path, checkpoint):
         assert abs(float(rows[name]["frac_background"]) + float(rows[name]["frac_gland"]) - 1) < 1e-3
     assert rows["gray.tif"]["kind"] == "image" and rows["rgb.png"]["kind"] == "tile"
     assert rows["gray.tif"]["tiles_predicted"] == "4"
+    # 16-bit RGB is scaled to 8 bits, not truncated to its low byte.
+    expected = np.rint(deep * (255.0 / deep.max()))
+    assert np.abs(inference.read_image(folder / "deep.tif").astype(float) - expected).max() <= 1
     assert digest(folder) == before
 
     mask_time = (out / "rgb_mask.png").stat().st_mtime_ns
@@ -188,6 +195,7 @@ def test_glass_tiles_are_not_read_or_predicted():
     assert result.tiles_total == len(grid)
     assert len(touching) <= result.tiles_predicted <= len(touching) + 12
     assert result.tiles_predicted == len(seen) < len(grid) // 2
+    assert slide.reads == len(seen) + 1  # the predicted tiles and one thumbnail read, nothing else
     assert result.mask.shape == (64, 80)
 
 
@@ -211,7 +219,6 @@ def test_geojson_keeps_holes_and_scales_to_level0():
 
 
 def write_pyramid(path, image, mpp):
-    import tifffile
     levels = [image]
     while min(levels[-1].shape[:2]) > 256:
         levels.append(levels[-1][::2, ::2].copy())

@@ -53,6 +53,15 @@ class Runtime:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def broadcast_buffers(self, module):
+        """Give every rank rank 0's buffers (BatchNorm running statistics), which is what rank 0 saves.
+
+        DDP syncs buffers at the start of each forward, but the last training batch moves them apart again.
+        """
+        if self.distributed:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
 
 def _pick_device(requested, local_rank):
     if requested == "auto":

@@ -50,8 +50,10 @@ def freeze_batchnorm(module):
 
 
 def check_finite(loss, epoch, step, checkpoint_hint):
+    """`step` is the 0-based step counted over the whole run; the message counts from 1."""
     if not math.isfinite(float(loss.detach())):
-        raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step}; training stopped "
+        raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
+                            "(counted from the start of training); training stopped "
                             f"({checkpoint_hint}). Lower the learning rate or check the data.")
 
 

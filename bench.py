@@ -1,0 +1,283 @@
+"""Speed and memory of the four steps users wait for, on synthetic data.
+
+    python bench.py            # paper settings: ResNet-38 + IBM (batch 20, 224 px), ResNeSt-200e DPR (batch 16)
+    python bench.py --quick    # small networks and images: under a minute on a laptop CPU
+
+Prints one line per figure (images/s, peak memory, model-FLOPs utilisation for the training steps) and
+writes the same to bench.json. (a) stage-1 training step, (b) CAMs + pseudo-masks end to end from PNG tiles
+on disk to PNG masks on disk, (c) stage-2 training step, (d) inference end to end from PNG tiles to PNG masks.
+"""
+import argparse
+import importlib
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from utils.config import load_config
+from utils.files import write_json
+from utils.runtime import setup_runtime
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+              "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
+
+FULL = {"stage1_backbone": "resnet38", "stage1_batch": 20, "stage1_size": 224, "stage1_steps": 12,
+        "cam_tiles": 2000, "cam_tile_size": 112, "cam_batch": 64,
+        "stage2_encoder": "resnest200e", "stage2_batch": 16, "stage2_size": 224, "stage2_steps": 15,
+        "infer_tiles": 2000, "infer_size": 224, "infer_batch": 64}
+QUICK = {"stage1_backbone": "resnet10t", "stage1_batch": 4, "stage1_size": 64, "stage1_steps": 3,
+         "cam_tiles": 32, "cam_tile_size": 48, "cam_batch": 16,
+         "stage2_encoder": "resnet10t", "stage2_batch": 4, "stage2_size": 64, "stage2_steps": 3,
+         "infer_tiles": 32, "infer_size": 64, "infer_batch": 16}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process high-water mark
+    except ImportError:
+        return None
+
+
+def time_steps(step, steps, device, warmup=3):
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - started) / steps
+
+
+def count_flops(step):
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def training_figure(name, step, batch, steps, runtime):
+    reset_memory(runtime.device)
+    seconds = time_steps(step, steps, runtime.device)
+    flops = count_flops(step)
+    peak = peak_flops(runtime.device)
+    return {"figure": name, "images_per_s": batch / seconds, "step_ms": 1000 * seconds,
+            "peak_mem_gib": peak_memory_gib(runtime.device), "tflop_per_step": flops / 1e12,
+            "mfu": (flops / seconds / peak) if peak else None}
+
+
+def bench_stage1_training(cfg, runtime, s):
+    stage1 = importlib.import_module("1_train_stage1")
+    from utils.training import freeze_batchnorm, sgd_with_multipliers
+    model = stage1.build_classifier(cfg).to(runtime.device).to(memory_format=torch.channels_last)
+    stage1.freeze_stem(model, cfg.stage1)
+    model.train()
+    if cfg.stage1.freeze_bn:
+        freeze_batchnorm(model)
+    trainer = torch.compile(model) if cfg.compile else model
+    optimizer = sgd_with_multipliers([model.backbone], model.new_modules(), 0.01, 0.9, 5e-4)
+    scaler = runtime.grad_scaler()
+    images = torch.randn(s["stage1_batch"], 3, s["stage1_size"], s["stage1_size"], device=runtime.device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (s["stage1_batch"], len(cfg.data.classes)), device=runtime.device).float()
+
+    def step():
+        with runtime.autocast():
+            loss = stage1.classification_loss(trainer(images), labels, cfg.stage1)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+    return training_figure("stage1_train", step, s["stage1_batch"], s["stage1_steps"], runtime), model
+
+
+def write_tiles(folder, count, size, labelled):
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (size * 2, size * 2, 3), dtype=np.uint8)
+
+    def one(index):
+        y, x = (index * 7) % size, (index * 13) % size
+        name = f"tile_{index:05d}[1, 1].png" if labelled else f"tile_{index:05d}.png"
+        Image.fromarray(base[y:y + size, x:x + size]).save(folder / name)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(count)))
+
+
+def bench_pseudo_masks(cfg, runtime, s, model, workdir):
+    stage1 = importlib.import_module("1_train_stage1")
+    from utils.data import train_items
+    root = workdir / "cam"
+    write_tiles(root / "train" / "img", s["cam_tiles"], s["cam_tile_size"], labelled=True)
+    cfg.data.root = str(root)
+    cfg.stage1.cam_batch_size = s["cam_batch"]
+    cfg.stage1.cam_flip = False
+    items = train_items(root, len(cfg.data.classes))
+    model.eval()
+    reset_memory(runtime.device)
+    stage1.write_pseudo_masks(cfg, model, items[:s["cam_batch"]], runtime, "warmup", overwrite=True)
+    synchronize(runtime.device)
+    started = time.perf_counter()
+    stage1.write_pseudo_masks(cfg, model, items, runtime, "bench", overwrite=True)
+    synchronize(runtime.device)
+    seconds = time.perf_counter() - started
+    written = len(list((root / "train" / "pseudo_mask").glob("*.png")))
+    return {"figure": "cam_pseudo_masks", "images_per_s": written / seconds, "images": written,
+            "peak_mem_gib": peak_memory_gib(runtime.device)}
+
+
+def bench_stage2_training(cfg, runtime, s):
+    from models.dpr import DPR
+    from utils.losses import IICBLoss
+    model = DPR(s["stage2_encoder"], len(cfg.data.classes)).to(runtime.device).to(memory_format=torch.channels_last)
+    model.train()
+    trainer = torch.compile(model) if cfg.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    criterion = IICBLoss()
+    scaler = runtime.grad_scaler()
+    size = s["stage2_size"]
+    images = torch.randn(s["stage2_batch"], 3, size, size, device=runtime.device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, len(cfg.data.classes), (s["stage2_batch"], size, size), device=runtime.device)
+
+    def step():
+        with runtime.autocast():
+            outputs = trainer(images)
+        loss = criterion(outputs["main"].float(), target)[0] + 0.4 * criterion(outputs["aux"].float(), target)[0]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return training_figure("stage2_train", step, s["stage2_batch"], s["stage2_steps"], runtime), model
+
+
+def bench_inference(cfg, runtime, s, model, workdir):
+    from utils.checkpoint import STAGE2_FORMAT, save_checkpoint
+    from utils.predict import segmenter_meta
+    inference = importlib.import_module("inference")
+    cfg.stage2.encoder = s["stage2_encoder"]
+    cfg.stage2.window = s["infer_size"]
+    checkpoint = workdir / "stage2.pth"
+    save_checkpoint(checkpoint, {"format": STAGE2_FORMAT, "model": model.state_dict(), "meta": segmenter_meta(cfg)})
+    tiles = workdir / "tiles"
+    write_tiles(tiles, s["infer_tiles"], s["infer_size"], labelled=False)
+    args = ["--checkpoint", str(checkpoint), "--input", str(tiles), "--device", str(runtime.device),
+            "--batch-size", str(s["infer_batch"]), "--overwrite"]
+    warm = workdir / "warm"
+    write_tiles(warm, s["infer_batch"], s["infer_size"], labelled=False)
+    inference.main(["--checkpoint", str(checkpoint), "--input", str(warm), "--output", str(workdir / "warm_out"),
+                    "--device", str(runtime.device), "--batch-size", str(s["infer_batch"])])
+    reset_memory(runtime.device)
+    started = time.perf_counter()
+    inference.main(args + ["--output", str(workdir / "infer_out")])
+    seconds = time.perf_counter() - started
+    written = len(list((workdir / "infer_out").glob("*_mask.png")))
+    return {"figure": "inference", "images_per_s": written / seconds, "images": written,
+            "peak_mem_gib": peak_memory_gib(runtime.device)}
+
+
+def describe(result):
+    parts = [f"{result['figure']:<17} {result['images_per_s']:9.1f} images/s"]
+    if result.get("peak_mem_gib") is not None:
+        parts.append(f"peak memory {result['peak_mem_gib']:.2f} GiB")
+    if result.get("tflop_per_step") is not None:
+        parts.append(f"{result['tflop_per_step']:.2f} TFLOP/step")
+    if result.get("mfu") is not None:
+        parts.append(f"MFU {100 * result['mfu']:.1f}%")
+    return ", ".join(parts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small settings for a CPU")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training models")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these: stage1_train cam_pseudo_masks stage2_train inference")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else FULL
+    cfg = load_config(None, [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
+                             f"stage1.backbone={s['stage1_backbone']}", "stage1.out_indices=[1,2,3]",
+                             "stage1.freeze_bn=true", "num_workers=-1"])
+    runtime = setup_runtime(cfg)
+    wanted = set(args.only or ["stage1_train", "cam_pseudo_masks", "stage2_train", "inference"])
+    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else platform.processor() or "cpu"
+    header = {"device": device_name, "torch": torch.__version__, "precision": str(runtime.amp_dtype or "fp32"),
+              "settings": "quick" if args.quick else "full", "world_size": runtime.world_size,
+              "compile": args.compile, "threads": torch.get_num_threads()}
+    print(f"bench on {device_name} (torch {torch.__version__}, {header['precision']}, {header['settings']} settings)")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        stage1_model = stage2_model = None
+        for name in ("stage1_train", "cam_pseudo_masks", "stage2_train", "inference"):
+            if name not in wanted:
+                continue
+            try:
+                if name == "stage1_train":
+                    result, stage1_model = bench_stage1_training(cfg, runtime, s)
+                elif name == "cam_pseudo_masks":
+                    if stage1_model is None:
+                        stage1_model = importlib.import_module("1_train_stage1").build_classifier(cfg).to(runtime.device)
+                    result = bench_pseudo_masks(cfg, runtime, s, stage1_model, workdir)
+                    stage1_model = None
+                elif name == "stage2_train":
+                    result, stage2_model = bench_stage2_training(cfg, runtime, s)
+                else:
+                    if stage2_model is None:
+                        from models.dpr import DPR
+                        stage2_model = DPR(s["stage2_encoder"], len(cfg.data.classes))
+                    result = bench_inference(cfg, runtime, s, stage2_model.eval(), workdir)
+            except Exception as error:  # one failing figure must not hide the others
+                traceback.print_exc()
+                result = {"figure": name, "error": f"{type(error).__name__}: {error}"}
+                print(f"{name:<17} failed: {result['error']}")
+            else:
+                if runtime.is_main:
+                    print(describe(result), flush=True)
+            results.append(result)
+    if runtime.is_main:
+        write_json(args.out, {**header, "results": results})
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
