@@ -22,10 +22,10 @@ from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, sa
 from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir, save_config
 from utils.data import ClassificationSet, load_pair, split_items, train_items
-from utils.files import write_json
-from utils.imageio import IGNORE_INDEX, read_mask, read_rgb
+from utils.files import BackgroundWriter, write_json
+from utils.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png
 from utils.metrics import confusion_matrix, scores
-from utils.pseudo_masks import PngWriter, file_sha256, pseudo_mask_name, read_manifest, write_manifest
+from utils.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
 from utils.runtime import cleanup, loader_options, setup_runtime, unwrap
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
                             rng_state, set_rng_state, set_poly_lr, sgd_with_multipliers)
@@ -218,7 +218,7 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     samples = []
     model.eval()
-    with PngWriter(cfg.data.palette) as writer:
+    with BackgroundWriter() as writer:
         for images, labels, sizes, indices in tqdm(loader, desc="pseudo-masks", disable=not runtime.is_main):
             images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             uniform = bool((sizes == sizes[0]).all())
@@ -237,7 +237,7 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
                     import cv2
                     height, width = sizes[row].tolist()
                     mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-                writer.submit(folder / pseudo_mask_name(item.image), mask)
+                writer.submit(write_palette_png, folder / pseudo_mask_name(item.image), mask, cfg.data.palette)
                 if item.mask is not None:
                     truth = read_mask(item.mask, cfg.data.mask_encoding, len(classes))
                     if truth.shape == mask.shape:

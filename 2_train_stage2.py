@@ -19,8 +19,8 @@ from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint, sa
 from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir, save_config
 from utils.data import SegmentationSet, load_pair, split_items, train_items
-from utils.files import write_json
-from utils.imageio import DataError, overlay, write_palette_png, write_rgb
+from utils.files import BackgroundWriter, write_json
+from utils.imageio import DataError, colorize, overlay, read_mask, write_palette_png, write_rgb
 from utils.losses import IICBLoss
 from utils.metrics import confusion_matrix, scores
 from utils.predict import predict_mask, segmenter_meta
@@ -28,6 +28,7 @@ from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 from utils.runtime import cleanup, loader_options, setup_runtime
 from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, rng_state,
                             set_poly_lr, set_rng_state)
+from utils.visualize import contact_sheet
 
 
 def training_pairs(cfg):
@@ -79,18 +80,34 @@ def evaluate(model, items, cfg, runtime, save_dir=None):
     s2, num_classes = cfg.stage2, len(cfg.data.classes)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     model.eval()
-    for item in tqdm(runtime.shard(items), desc="evaluating", leave=False, disable=not runtime.is_main):
-        image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
-        try:
-            mask = predict_mask(model, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
-                                cfg.data.mean, cfg.data.std, num_classes)
-        except torch.OutOfMemoryError:
-            raise TrainingError(out_of_memory_message("stage2.eval_batch_size")) from None
-        confusion += confusion_matrix(mask, truth, num_classes)
-        if save_dir is not None:
-            write_palette_png(save_dir / "predictions" / f"{item.stem}.png", mask, cfg.data.palette)
-            write_rgb(save_dir / "overlays" / f"{item.stem}.png", overlay(image, mask, cfg.data.palette))
+    with BackgroundWriter() as writer:
+        for item in tqdm(runtime.shard(items), desc="evaluating", leave=False, disable=not runtime.is_main):
+            image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
+            try:
+                mask = predict_mask(model, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
+                                    cfg.data.mean, cfg.data.std, num_classes)
+            except torch.OutOfMemoryError:
+                raise TrainingError(out_of_memory_message("stage2.eval_batch_size")) from None
+            confusion += confusion_matrix(mask, truth, num_classes)
+            if save_dir is not None:
+                writer.submit(write_palette_png, save_dir / "predictions" / f"{item.stem}.png", mask, cfg.data.palette)
+                writer.submit(write_overlay, save_dir / "overlays" / f"{item.stem}.png", image, mask, cfg.data.palette)
     return runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+
+
+def write_overlay(path, image, mask, palette):
+    write_rgb(path, overlay(image, mask, palette))
+
+
+def save_test_sheet(path, items, cfg, count=4):
+    """Test images beside their ground truth and prediction: the picture for a results table."""
+    rows = []
+    for item in items[:count]:
+        image, truth = load_pair(item, cfg.data.mask_encoding, len(cfg.data.classes))
+        predicted = read_mask(path.parent / "predictions" / f"{item.stem}.png", "index", len(cfg.data.classes))
+        rows.append([image, colorize(truth, cfg.data.palette), colorize(predicted, cfg.data.palette),
+                     overlay(image, predicted, cfg.data.palette)])
+    contact_sheet(path, rows, ["image", "ground truth", "prediction", "overlay"], cell=220)
 
 
 def save_stage2(path, model, cfg, extra):
@@ -223,6 +240,8 @@ def main(argv=None):
     metrics = {"val": scores(evaluate(model, val_items, cfg, runtime))}
     if test_items:
         metrics["test"] = scores(evaluate(model, test_items, cfg, runtime, save_dir=out_dir))
+        if runtime.is_main:
+            save_test_sheet(out_dir / "test_samples.png", test_items, cfg)
     if runtime.is_main:
         write_json(out_dir / "metrics.json", metrics)
         for split, values in metrics.items():

@@ -13,6 +13,7 @@ import json
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,9 @@ class Segmenter:
         self.window = int(args.window or meta["window"])
         self.overlap = float(meta["overlap"] if args.overlap is None else args.overlap)
         self.pending = {}  # (h, w) -> [(job, image, seconds so far)]
+        # PNG encoding and writing run on worker threads while the device predicts the next batch
+        self.writer = ThreadPoolExecutor(max_workers=4)
+        self.writes = []  # (future, row): a failed write turns its row into an error row
 
     # ----- rows ---------------------------------------------------------------------------------
     def row(self, job, kind, status, width="", height="", seconds="", fractions=None, downsample="",
@@ -254,11 +258,14 @@ class Segmenter:
         return self.row(job, kind, f"error: {message}")
 
     # ----- plain images -------------------------------------------------------------------------
-    def add_image(self, job):
-        """Predict now (large images) or queue for a batched forward (tiles); returns finished rows."""
+    def add_image(self, job, loaded):
+        """Predict now (large images) or queue for a batched forward (tiles); returns finished rows.
+
+        `loaded` is the future of read_image(job.path), read ahead on a worker thread.
+        """
         start = time.perf_counter()
         try:
-            image = read_image(job.path)
+            image = loaded.result()
         except Exception as error:  # any unreadable file becomes an error row, never a crash
             return [self.error_row(job, "image", error)]
         height, width = image.shape[:2]
@@ -272,11 +279,12 @@ class Segmenter:
         try:
             logits = predict_logits(self.model, image, self.runtime, self.window, self.overlap,
                                     self.args.batch_size, self.mean, self.std, len(self.classes))
-            probs = torch.softmax(logits[0], dim=0).cpu().numpy()
+            mask, probs = self.decide(logits)
         except torch.OutOfMemoryError:
             return [self.error_row(job, "image", f"{job.path}: out of memory on {self.runtime.device}; "
                                    "lower --batch-size or use --device cpu.")]
-        return [self.finish_image(job, "image", image, probs, start, time.perf_counter() - start)]
+        return [self.finish_image(job, "image", image, mask[0], None if probs is None else probs[0], start,
+                                  time.perf_counter() - start)]
 
     def flush(self, key):
         group = self.pending.pop(key, [])
@@ -286,13 +294,19 @@ class Segmenter:
         try:
             logits = predict_tile_batch(self.model, [image for _, image, _ in group], self.runtime,
                                         self.window, self.mean, self.std)
-            probs = torch.softmax(logits, dim=1).cpu().numpy()
+            masks, probs = self.decide(logits)
         except torch.OutOfMemoryError:
             return [self.error_row(job, "tile", f"{job.path}: out of memory on {self.runtime.device}; "
                                    "lower --batch-size.") for job, _, _ in group]
         share = (time.perf_counter() - start) / len(group)
-        return [self.finish_image(job, "tile", image, prob, time.perf_counter(), read_seconds + share)
-                for (job, image, read_seconds), prob in zip(group, probs)]
+        return [self.finish_image(job, "tile", image, masks[i], None if probs is None else probs[i], time.perf_counter(),
+                                  read_seconds + share) for i, (job, image, read_seconds) in enumerate(group)]
+
+    def decide(self, logits):
+        """Class masks (argmax on the device, uint8 to the host) and, with --save-probs, probabilities."""
+        masks = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        probs = list(torch.softmax(logits, dim=1).cpu().numpy()) if self.args.save_probs else None
+        return masks, probs
 
     def flush_all(self):
         rows = []
@@ -300,21 +314,34 @@ class Segmenter:
             rows += self.flush(key)
         return rows
 
-    def finish_image(self, job, kind, image, probs, write_start, seconds):
+    def finish_image(self, job, kind, image, mask, probs, write_start, seconds):
         paths = output_paths(job, self.classes, self.args.save_probs)
-        mask = probs.argmax(axis=0).astype(np.uint8)
+        height, width = mask.shape
+        windows = count_windows(height, width, self.window, self.overlap)
+        row = self.row(job, kind, "ok", width, height, seconds + time.perf_counter() - write_start,
+                       class_fractions(mask, len(self.classes)), 1, (windows, windows))
+        self.writes.append((self.writer.submit(self.write_outputs, job, paths, image, mask, probs), row))
+        return row
+
+    def write_outputs(self, job, paths, image, mask, probs):
+        """Runs on a worker thread; returns None, or the error for the summary."""
         try:
-            if self.args.save_probs:
+            if probs is not None:
                 write_probabilities(paths, probs, self.classes)
             write_rgb(paths["overlay"], overlay(image, mask, self.palette))
             write_palette_png(paths["mask"], mask, self.palette)  # last: its presence marks a finished input
         except OSError as error:
-            return self.error_row(job, kind, f"writing outputs for {job.path} failed ({error}).")
-        seconds += time.perf_counter() - write_start
-        height, width = mask.shape
-        windows = count_windows(height, width, self.window, self.overlap)
-        return self.row(job, kind, "ok", width, height, seconds, class_fractions(mask, len(self.classes)), 1,
-                        (windows, windows))
+            return f"writing outputs for {job.path} failed ({error})."
+        return None
+
+    def finish_writes(self):
+        """Wait for every queued write; rows of failed writes become error rows."""
+        for future, row in self.writes:
+            error = future.result()
+            if error:
+                row["status"] = "error: " + " ".join(error.split())
+        self.writes = []
+        self.writer.shutdown(wait=True)
 
     # ----- slides -------------------------------------------------------------------------------
     def run_slide(self, job, position):
@@ -428,18 +455,31 @@ def run(args, runtime):
 
     rows = []
     bar = tqdm(total=len(mine), desc="inference", unit="file", disable=not runtime.is_main)
+    todo = [job for job in mine if args.overwrite or not all(
+        p.is_file() for p in output_paths(job, segmenter.classes, args.save_probs).values())]
+    waiting = {job.index for job in todo}
     for job in mine:
-        finished = []
-        if not args.overwrite and all(p.is_file() for p in output_paths(job, segmenter.classes,
-                                                                        args.save_probs).values()):
-            finished = [segmenter.skipped_row(job)]
-        elif job.slide:
-            finished = [segmenter.run_slide(job, position=1)]
-        else:
-            finished = segmenter.add_image(job)
-        rows += finished
-        bar.update(len(finished))
+        if job.index not in waiting:
+            rows.append(segmenter.skipped_row(job))
+            bar.update(1)
+    with ThreadPoolExecutor(max_workers=4) as readers:
+        images = [job for job in todo if not job.slide]
+        ahead = 2 * args.batch_size + 4  # images decoded ahead of the device, bounded for memory
+        loading = {job.index: readers.submit(read_image, job.path) for job in images[:ahead]}
+        next_to_load = len(loading)
+        for job in todo:
+            if job.slide:
+                finished = [segmenter.run_slide(job, position=1)]
+            else:
+                if next_to_load < len(images):
+                    upcoming = images[next_to_load]
+                    loading[upcoming.index] = readers.submit(read_image, upcoming.path)
+                    next_to_load += 1
+                finished = segmenter.add_image(job, loading.pop(job.index))
+            rows += finished
+            bar.update(len(finished))
     rows += segmenter.flush_all()
+    segmenter.finish_writes()
     bar.update(len(mine) - bar.n)
     bar.close()
 

@@ -345,7 +345,7 @@ def test_bad_inputs_stop_with_one_sentence_naming_the_file_or_setting(prepared, 
     text_checkpoint.write_text("not a checkpoint")
     case("inference_text_checkpoint", "inference", ["--checkpoint", text_checkpoint, "--input",
                                                     tmp_path / "nothing here", "--output", tmp_path / "out"],
-         str(text_checkpoint))
+         str(text_checkpoint), "not a PyTorch checkpoint")
 
     results = run_cases(tmp_path, cases)
     failures = []
@@ -355,6 +355,7 @@ def test_bad_inputs_stop_with_one_sentence_naming_the_file_or_setting(prepared, 
             failures.append(f"{name}: exit {code}\n{stderr[-1500:]}")
             continue
         line = error_line(stderr)
+        print(f"{name}: {line}")  # the catalogue of messages, shown with pytest -s
         missing = [n for n in needles if n not in line]
         if missing:
             failures.append(f"{name}: {line!r} does not name {missing}")

@@ -25,6 +25,14 @@ def save_checkpoint(path, payload):
         torch.save(payload, tmp)
 
 
+def _unpickling_reason(error):
+    """What torch's weights-only unpickler objected to, without its advice to load the file unsafely."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(boilerplate)]
+    return lines[0][:160] if lines else "an object that is not a tensor"
+
+
 def load_checkpoint(path, expected_format=None):
     """Load a .pth written by this project; refuse anything else with one sentence."""
     path = Path(path)
@@ -32,11 +40,16 @@ def load_checkpoint(path, expected_format=None):
         raise CheckpointError(f"checkpoint {path} does not exist.")
     if path.suffix == ".safetensors":
         return load_safetensors(path, expected_format)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or its legacy pickle format
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (the file is empty or of another kind).")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused, it holds objects that are not plain weights "
-                              f"(safe loading rejected it: {str(error).splitlines()[0][:160]}).") from None
+        raise CheckpointError(f"{path}: refused, it holds objects that are not plain weights and could run code "
+                              f"when loaded ({_unpickling_reason(error)}); use a checkpoint written by this "
+                              "project.") from None
     except Exception as error:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
                               f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}).") from None

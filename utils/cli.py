@@ -9,11 +9,21 @@ from utils.training import TrainingError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
 
+def user_message(error):
+    """The error's own sentence. One raised in a DataLoader worker arrives with the worker's traceback
+    folded into its text; only the sentence after the traceback is the message."""
+    text = str(error)
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text.strip()
+
+
 def run_main(main, argv=None):
     try:
         code = main(argv)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; finished files are kept, partial ones were never given their final names.",

@@ -63,7 +63,7 @@ def train_items(root, num_classes):
     mask_dir = root / "train" / "mask"
     items = []
     for path in _require_images(root / "train" / "img"):
-        stem, label = parse_label(path.name, num_classes)
+        stem, label = parse_label(path, num_classes)  # the full path, so that errors say where the file is
         mask = None
         if mask_dir.is_dir():
             for candidate in (mask_dir / f"{stem}.png", mask_dir / f"{path.stem}.png"):

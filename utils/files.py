@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -29,3 +30,30 @@ def write_text(path, text):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class BackgroundWriter:
+    """Runs file-writing calls on worker threads (PNG encoding releases the GIL) so the device can go on.
+
+    Leaving the `with` block waits for every write and re-raises the first failure.
+    """
+
+    def __init__(self, workers=4, max_pending=256):
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pending, self.max_pending = [], max_pending
+
+    def submit(self, function, *args):
+        self.pending.append(self.pool.submit(function, *args))
+        if len(self.pending) > self.max_pending:  # bound the memory held by queued images
+            self.pending.pop(0).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+        return False

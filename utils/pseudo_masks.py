@@ -1,11 +1,10 @@
-"""Writing pseudo-masks: PNG encoding in a thread pool, and a manifest that records their origin."""
+"""Pseudo-mask files: their names, and a manifest that records which stage-1 checkpoint made them."""
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from utils.files import write_json
-from utils.imageio import DataError, write_palette_png
+from utils.imageio import DataError
 
 MANIFEST = "manifest.json"
 
@@ -16,31 +15,6 @@ def file_sha256(path, chunk=1 << 20):
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-class PngWriter:
-    """Encodes and writes palette PNGs on worker threads so the device can start the next batch."""
-
-    def __init__(self, palette, workers=2):
-        self.palette = palette
-        self.pool = ThreadPoolExecutor(max_workers=workers)
-        self.pending = []
-
-    def submit(self, path, mask):
-        self.pending.append(self.pool.submit(write_palette_png, path, mask, self.palette))
-        if len(self.pending) > 256:  # bound memory held by queued masks
-            self.pending.pop(0).result()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.pool.shutdown(wait=True)
-        return False
 
 
 def pseudo_mask_name(image_path):
