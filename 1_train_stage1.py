@@ -243,7 +243,8 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
                     if truth.shape == mask.shape:
                         confusion += pseudo_mask_confusion(mask, truth, len(classes))
                     else:
-                        tqdm.write(f"warning: {item.mask} is not the size of its image; left out of the score.")
+                        tqdm.write(f"warning: {item.mask} is not the size of its image; left out of the score.",
+                                   file=sys.stderr)
                 if len(samples) < s1.samples and item.label.sum() >= 2:  # mixed tiles show the CAM at work
                     samples.append((item, mask, heat[row]))
     kept = sorted(set(range(len(items))) - set(todo))

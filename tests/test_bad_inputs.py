@@ -14,6 +14,7 @@ Interpreter start-up dominates the cost, so the many error cases run in one proc
 """
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -45,9 +46,21 @@ CONFIG = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy two-core machine two threads wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses too (see one_thread)
+
+
 def run(argv, timeout=300):
     result = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout)
+                            env=ONE_THREAD, timeout=timeout)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result
 
@@ -106,25 +119,37 @@ def prepared(tmp_path_factory):
 
 
 def test_awkward_but_valid_inputs_go_through_the_whole_pipeline(prepared):
-    config, data, tmp = prepared
+    config, prepared_data, tmp = prepared
+    data = copy_data(prepared_data, tmp / "pipeline data")  # the other test copies the pristine one
+    root = ["--set", f"data.root={data}"]
     names = [p.name for p in (data / "train" / "img").iterdir()]
     assert len(names) == 5 * 4  # five 64x64 images in 32 px patches
     assert "with space é ü_0_0[1, 1, 0].png" in names and "brackets [v2] (copy)_0_32[0, 1, 1].png" in names
     assert {p.name for p in (data / "val" / "img").iterdir()} == {"val one.png", "val [2].png", "dot.png"}
     val_mask = np.asarray(Image.open(data / "val" / "mask" / "val one.png"))
     assert set(np.unique(val_mask)) == {0, 1, 2, 255}  # ignore survives preparation
-    # a 1x1 training tile next to the prepared ones
+    # a 1x1 and a 16-bit training tile next to the prepared ones, and a training mask of the wrong size
     save_png(data / "train" / "img" / "dot[0, 1, 0].png", np.full((1, 1, 3), 128, np.uint8))
+    save_png(data / "train" / "img" / "deep[0, 0, 1].png", np.full((32, 32), 40000, np.uint16))
+    # a tile whose label names no class: its pseudo-mask is all "ignore", which scoring must survive
+    save_png(data / "train" / "img" / "blank[0, 0, 0].png", np.full((32, 32, 3), 200, np.uint8))
+    save_png(data / "train" / "mask" / "blank.png", np.zeros((32, 32), np.uint8))
+    wrong_size = data / "train" / "mask" / "plain_0_0.png"
+    save_png(wrong_size, np.zeros((16, 16), np.uint8))
 
-    result = run(["1_train_stage1.py", "--config", config])
+    result = run(["1_train_stage1.py", "--config", config, *root])
     assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and str(wrong_size) in warnings[0]  # left out of the pseudo-mask score
     pseudo = data / "train" / "pseudo_mask"
     assert np.asarray(Image.open(pseudo / "dot[0, 1, 0].png")).tolist() == [[1]]
+    assert (np.asarray(Image.open(pseudo / "deep[0, 0, 1].png")) == 2).all()
+    assert (np.asarray(Image.open(pseudo / "blank[0, 0, 0].png")) == 255).all()
     assert (pseudo / "with space é ü_0_0[1, 1, 0].png").is_file()
     metrics = json.loads((tmp / "runs" / "awkward" / "stage1" / "metrics.json").read_text())
     assert len(metrics["val"]["iou"]) == 3
 
-    result = run(["2_train_stage2.py", "--config", config])
+    result = run(["2_train_stage2.py", "--config", config, *root])
     assert result.returncode == 0, result.stderr[-3000:]
     stage2 = tmp / "runs" / "awkward" / "stage2"
     assert {p.name for p in (stage2 / "predictions").iterdir()} == {"test ä.png", "test[b].png"}
@@ -177,7 +202,7 @@ def run_cases(tmp, cases):
     driver = tmp / "cases_driver.py"
     driver.write_text(CASES_DRIVER.format(root=str(ROOT)))
     result = subprocess.run([sys.executable, str(driver), str(spec)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+                            env=ONE_THREAD, timeout=300)
     parts = re.split(r"\n@@ (\S+) exit (\S+) @@\n", "\n" + result.stderr)
     found = {parts[i]: (parts[i + 1], parts[i - 1]) for i in range(1, len(parts) - 1, 3)}
     assert set(found) == {name for name, _, _ in cases}, result.stderr[-3000:]

@@ -1,4 +1,5 @@
 """Entry-point wrapper: a user's mistake ends in one sentence on stderr, not a traceback."""
+import os
 import sys
 
 from utils.checkpoint import CheckpointError
@@ -20,6 +21,8 @@ def user_message(error):
 
 
 def run_main(main, argv=None):
+    if not sys.stderr.isatty():  # logs of batch jobs: a progress line every 30 s, not every step
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
         code = main(argv)
     except USER_ERRORS as error:

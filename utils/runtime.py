@@ -1,7 +1,7 @@
 """Device, precision and distribution, decided once per run.
 
 Every script calls `setup_runtime(cfg)` and passes the result around; nothing else picks a device,
-calls `.cuda()` or reads torchrun's environment.
+hard-codes a GPU or reads torchrun's environment.
 """
 import contextlib
 import os
@@ -123,7 +123,9 @@ def setup_runtime(cfg, device=None):
 def loader_options(runtime, train):
     options = {"num_workers": runtime.num_workers, "pin_memory": runtime.device.type == "cuda"}
     if runtime.num_workers > 0:
-        options.update(persistent_workers=train, prefetch_factor=4)
+        # Workers are not kept between epochs: fresh ones take their random seeds from the main process's
+        # generator, which a checkpoint restores, so `--resume` augments exactly as an uninterrupted run.
+        options.update(prefetch_factor=4)
     return options
 
 

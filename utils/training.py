@@ -71,9 +71,20 @@ class CsvLog:
         if keep_existing and self.path.is_file():
             with open(self.path, newline="") as handle:
                 self.rows = list(csv.DictReader(handle))
+        self.board = None
+        try:  # TensorBoard too, when the package is installed
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(str(self.path.parent / "tensorboard"))
+        except ImportError:
+            pass
 
     def append(self, row):
         self.rows.append({k: row.get(k, "") for k in self.fields})
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, row["epoch"])
+            self.board.flush()
         with atomic_path(self.path) as tmp:
             with open(tmp, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=self.fields)
