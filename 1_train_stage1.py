@@ -20,13 +20,14 @@ from models.classifier import Stage1Classifier, build_backbone
 from utils.cam import cams_to_masks, heatmap_of, multi_layer_cam
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
-from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir, save_config
+from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir
 from utils.data import ClassificationSet, load_pair, split_items, train_items
 from utils.files import BackgroundWriter, write_json
 from utils.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png
 from utils.metrics import confusion_matrix, scores
+from utils.postprocess import class_indices, fill_holes
 from utils.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
-from utils.runtime import cleanup, loader_options, setup_runtime, unwrap
+from utils.runtime import cleanup, loader_options, setup_runtime, start_run, unwrap
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
                             rng_state, set_rng_state, set_poly_lr, sgd_with_multipliers)
 from utils.transforms import to_tensor
@@ -230,6 +231,7 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
                 raise TrainingError(out_of_memory_message("stage1.cam_batch_size")) from None
             masks = cams_to_masks(cams, labels)
             heat = heatmap_of(cams, labels)
+            fill = class_indices(classes, cfg.data.fill_holes)
             masks, heat = masks.cpu().numpy(), heat.cpu().numpy()
             for row, index in enumerate(indices.tolist()):
                 item, mask = items[index], masks[row]
@@ -237,6 +239,7 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
                     import cv2
                     height, width = sizes[row].tolist()
                     mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+                mask = fill_holes(mask, fill)
                 writer.submit(write_palette_png, folder / pseudo_mask_name(item.image), mask, cfg.data.palette)
                 if item.mask is not None:
                     truth = read_mask(item.mask, cfg.data.mask_encoding, len(classes))
@@ -276,7 +279,8 @@ def score_whole_images(cfg, model, split_list, runtime, scale):
             cams, probabilities = multi_layer_cam(model, tensor, truth.shape, s1.cam_weights, s1.cam_scales,
                                                   s1.cam_flip)
         labels = (probabilities > s1.label_threshold).float()
-        mask = cams_to_masks(cams, labels)[0].cpu().numpy()
+        mask = fill_holes(cams_to_masks(cams, labels)[0].cpu().numpy(),
+                          class_indices(cfg.data.classes, cfg.data.fill_holes))
         confusion += pseudo_mask_confusion(mask, truth, num_classes)
     return runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
 
@@ -301,13 +305,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     runtime = setup_runtime(cfg)
-    out_dir = run_dir(cfg, "stage1")
-    if runtime.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    if cfg.data.demo and runtime.is_main:
-        from utils.demo_data import ensure_demo_dataset
-        ensure_demo_dataset(cfg)
-    runtime.barrier()
+    out_dir = start_run(cfg, runtime, "stage1")
     num_classes = len(cfg.data.classes)
     items = train_items(cfg.data.root, num_classes)
     val_items = split_items(cfg.data.root, "val", required=False)

@@ -17,15 +17,16 @@ from tqdm import tqdm
 from models.dpr import DPR
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from utils.cli import run_main
-from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir, save_config
+from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir
 from utils.data import SegmentationSet, load_pair, split_items, train_items
 from utils.files import BackgroundWriter, write_json
 from utils.imageio import DataError, colorize, overlay, read_mask, write_palette_png, write_rgb
 from utils.losses import IICBLoss
 from utils.metrics import confusion_matrix, scores
+from utils.postprocess import class_indices
 from utils.predict import predict_mask, segmenter_meta
 from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
-from utils.runtime import cleanup, loader_options, setup_runtime
+from utils.runtime import cleanup, loader_options, setup_runtime, start_run
 from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, rng_state,
                             set_poly_lr, set_rng_state)
 from utils.visualize import contact_sheet
@@ -85,7 +86,8 @@ def evaluate(model, items, cfg, runtime, save_dir=None):
             image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
             try:
                 mask = predict_mask(model, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
-                                    cfg.data.mean, cfg.data.std, num_classes)
+                                    cfg.data.mean, cfg.data.std, num_classes,
+                                    class_indices(cfg.data.classes, cfg.data.fill_holes))
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage2.eval_batch_size")) from None
             confusion += confusion_matrix(mask, truth, num_classes)
@@ -224,13 +226,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     runtime = setup_runtime(cfg)
-    out_dir = run_dir(cfg, "stage2")
-    if runtime.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    if cfg.data.demo and runtime.is_main:
-        from utils.demo_data import ensure_demo_dataset
-        ensure_demo_dataset(cfg)
-    runtime.barrier()
+    out_dir = start_run(cfg, runtime, "stage2")
     val_items = split_items(cfg.data.root, "val")
     test_items = split_items(cfg.data.root, "test", required=False)
 

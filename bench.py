@@ -9,7 +9,6 @@ on disk to PNG masks on disk, (c) stage-2 training step, (d) inference end to en
 """
 import argparse
 import importlib
-import json
 import platform
 import sys
 import tempfile

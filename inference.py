@@ -26,6 +26,7 @@ from tqdm import tqdm
 from utils.config import ConfigError, load_config
 from utils.files import atomic_path, write_text
 from utils.imageio import IMAGE_SUFFIXES, DataError, overlay, read_rgb, write_palette_png, write_rgb
+from utils.postprocess import fill_holes
 from utils.predict import load_segmenter, predict_logits
 from utils.runtime import cleanup, setup_runtime
 from utils.sliding_window import count_windows
@@ -217,6 +218,7 @@ class Segmenter:
         self.window = int(args.window or meta["window"])
         self.overlap = float(meta["overlap"] if args.overlap is None else args.overlap)
         self.pending = {}  # (h, w) -> [(job, image, seconds so far)]
+        self.fill = list(meta.get("fill_holes", []))  # classes whose enclosed holes are filled
         # PNG encoding and writing run on worker threads while the device predicts the next batch
         self.writer = ThreadPoolExecutor(max_workers=4)
         self.writes = []  # (future, row): a failed write turns its row into an error row
@@ -304,7 +306,7 @@ class Segmenter:
 
     def decide(self, logits):
         """Class masks (argmax on the device, uint8 to the host) and, with --save-probs, probabilities."""
-        masks = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        masks = np.stack([fill_holes(m, self.fill) for m in logits.argmax(dim=1).to(torch.uint8).cpu().numpy()])
         probs = list(torch.softmax(logits, dim=1).cpu().numpy()) if self.args.save_probs else None
         return masks, probs
 
@@ -368,6 +370,7 @@ class Segmenter:
                 finally:
                     bar.close()
                 dimensions = slide.dimensions
+                result.mask[...] = fill_holes(result.mask, self.fill)
         except (DataError, OSError, MemoryError) as error:
             return self.error_row(job, "slide", error)
         except torch.OutOfMemoryError:

@@ -1,5 +1,4 @@
 """Stage-1 classifier: a backbone with three taps, IBM before the deepest tap, one 1x1 head per tap."""
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

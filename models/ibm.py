@@ -2,7 +2,6 @@
 attention, a residual output conv, and boundary / embedding side branches."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ImplicitBoundaryMining(nn.Module):

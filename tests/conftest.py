@@ -1,8 +1,10 @@
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +45,15 @@ TINY_DEMO = [  # a few small synthetic tiles and a small network: seconds on a C
 def tiny_demo_args(tmp_path, *extra):
     overrides = TINY_DEMO + [f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", *extra]
     return ["--config", str(ROOT / "configs" / "demo.yaml")] + [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy two-core machine two threads wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses too (see one_thread)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, load_script, save_png, tiny_demo_args
+from conftest import ONE_THREAD, ROOT, load_script, save_png, tiny_demo_args
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from utils.config import load_config
 from utils.data import train_items
@@ -67,15 +67,8 @@ torch.save = save
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy two-core machine two threads wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)
-
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses too (see one_thread)
 
 
 def run_killed(tmp_path, script, patch, argv):

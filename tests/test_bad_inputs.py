@@ -14,7 +14,6 @@ Interpreter start-up dominates the cost, so the many error cases run in one proc
 """
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, save_png
+from conftest import ONE_THREAD, ROOT, save_png
 from models.dpr import DPR
 
 CLASSES = ["stroma", "gland", "lumen"]
@@ -47,15 +46,8 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy two-core machine two threads wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)
-
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses too (see one_thread)
 
 
 def run(argv, timeout=300):

@@ -41,3 +41,18 @@ def test_classes_compared_after_normalisation():
     cams[0, 1] = torch.tensor([0.5, 1.0])      # gland peaks at 1
     masks = cams_to_masks(cams, torch.tensor([[1, 1]]))
     assert masks[0, 0].tolist() == [0, 1]
+
+
+def test_fill_holes_closes_enclosed_regions_only():
+    import numpy as np
+    from utils.postprocess import fill_holes
+    mask = np.zeros((7, 9), np.uint8)
+    mask[1:6, 1:6] = 1
+    mask[2:5, 2:5] = 0            # a lumen inside a gland
+    mask[0:3, 7:9] = 1
+    mask[1, 8] = 0                # touches the border: not enclosed
+    mask[3, 3] = 255              # ignore stays ignore
+    filled = fill_holes(mask, [1])
+    assert (filled[2:5, 2:5][np.arange(9).reshape(3, 3) != 4] == 1).all()
+    assert filled[3, 3] == 255 and filled[1, 8] == 0
+    assert (fill_holes(mask, []) == mask).all()

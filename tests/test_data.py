@@ -3,7 +3,7 @@ import pytest
 
 from conftest import save_png
 from utils.data import load_pair, parse_label, split_items, train_items
-from utils.imageio import DataError, decode_mask, read_mask, read_rgb
+from utils.imageio import DataError, decode_mask, read_rgb
 
 
 @pytest.mark.parametrize("name", ["a[1, 0].png", "a[1,0].png", "a[1 0].png", "a[10].png", "a [1,0].png"])

@@ -5,7 +5,6 @@ nothing from its memory (RNG, optimiser, data-loader order) survives except what
 """
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, load_script, tiny_demo_args
+from conftest import ONE_THREAD, ROOT, load_script, tiny_demo_args
 from utils.config import load_config
 
 SMALL = ["demo.train_images=16", "stage1.epochs=2", "stage2.epochs=2", "stage2.train_masks=ground_truth",
@@ -39,15 +38,8 @@ module.main(sys.argv[1:])
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy two-core machine two threads wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)
-
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses too (see one_thread)
 
 
 def killed_after_save(tmp_path, script, function, target, argv):

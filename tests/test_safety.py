@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, load_script, tiny_demo_args
+from conftest import ONE_THREAD, ROOT, load_script, tiny_demo_args
 from models.classifier import Stage1Classifier
 from models.dpr import DPR
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -29,15 +29,8 @@ CPU = Runtime(torch.device("cpu"), None)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy two-core machine two threads wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)
-
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses too (see one_thread)
 
 
 class TouchOnLoad:

@@ -29,6 +29,7 @@ DEFAULTS = {
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
         "demo": False,                   # synthesise the demo data set when root is missing
+        "fill_holes": [],                # class names whose enclosed holes are filled in masks (glands)
     },
     "demo": {                            # synthetic data (only read when data.demo is true)
         "train_images": 160,
@@ -218,6 +219,9 @@ def _validate(cfg, source):
     if len(palette) != len(classes) or any(len(c) != 3 for c in palette):
         raise ConfigError(f"{source}: 'data.palette' needs one [R, G, B] colour per class "
                           f"({len(classes)} classes, {len(palette)} colours).")
+    unknown = [name for name in cfg["data"]["fill_holes"] if name not in classes]
+    if unknown:
+        raise ConfigError(f"{source}: 'data.fill_holes' names {unknown}, which are not in data.classes {classes}.")
     for key in ("stage1.head_weights", "stage1.cam_weights"):
         if len(_get(cfg, key)) != 3:
             raise ConfigError(f"{source}: '{key}' needs three numbers, one per classifier head.")

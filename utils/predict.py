@@ -3,6 +3,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint
+from utils.postprocess import class_indices, fill_holes
 from utils.sliding_window import sliding_window_logits
 from utils.transforms import normalize_batch
 
@@ -13,7 +14,8 @@ def segmenter_meta(cfg):
     """What a stage-2 model file carries so that inference needs nothing else."""
     return {"encoder": cfg.stage2.encoder, "classes": list(cfg.data.classes),
             "palette": [list(c) for c in cfg.data.palette], "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std), "window": cfg.stage2.window, "overlap": cfg.stage2.overlap}
+            "std": list(cfg.data.std), "window": cfg.stage2.window, "overlap": cfg.stage2.overlap,
+            "fill_holes": class_indices(cfg.data.classes, cfg.data.fill_holes)}
 
 
 def load_segmenter(path, device):
@@ -46,6 +48,6 @@ def predict_logits(model, image, runtime, window, overlap, batch_size, mean, std
     return sliding_window_logits(run, tensor, num_classes, window, overlap, batch_size)
 
 
-def predict_mask(model, image, runtime, window, overlap, batch_size, mean, std, num_classes):
+def predict_mask(model, image, runtime, window, overlap, batch_size, mean, std, num_classes, fill=()):
     logits = predict_logits(model, image, runtime, window, overlap, batch_size, mean, std, num_classes)
-    return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+    return fill_holes(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), fill)

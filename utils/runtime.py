@@ -138,3 +138,16 @@ def unwrap(model):
 def cleanup(runtime):
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def start_run(cfg, runtime, stage):
+    """The run folder with the resolved config in it; the demo data made first when the config asks."""
+    from utils.config import run_dir, save_config
+    out_dir = run_dir(cfg, stage)
+    if runtime.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+        if cfg.data.demo:
+            from utils.demo_data import ensure_demo_dataset
+            ensure_demo_dataset(cfg)
+    runtime.barrier()
+    return out_dir
