@@ -120,6 +120,7 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
             sampler.set_epoch(epoch)
         set_train_mode(model, s1)
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct label decisions, labels, images
+        correct = 0
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"stage 1 epoch {epoch + 1}/{s1.epochs}", disable=not runtime.is_main,
                    leave=False)
@@ -133,7 +134,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
                     loss = classification_loss(outputs, labels, s1)
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage1.batch_size")) from None
-            check_finite(loss, epoch, step, f"the last good checkpoint is {checkpoint_path}")
+            loss_value = loss.item()  # the one host-device sync of a step
+            check_finite(loss_value, epoch, step, f"the last good checkpoint is {checkpoint_path}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -142,9 +144,10 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
             scaler.update()
             step += 1
             predicted = (outputs["logits"][-1].detach() > 0).float()
-            totals += torch.tensor([loss.item() * len(images), (predicted == labels).sum().item(), labels.numel(),
-                                    len(images)], dtype=torch.float64)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            correct = correct + (predicted == labels).sum()  # stays on the device until the epoch ends
+            totals += torch.tensor([loss_value * len(images), 0, labels.numel(), len(images)], dtype=torch.float64)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        totals[1] = float(correct)
         totals = runtime.all_reduce_sum(totals.to(runtime.device)).cpu()
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "loss": round(totals[0].item() / max(totals[3].item(), 1), 5),

@@ -189,14 +189,15 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
                 loss = main_loss + s2.aux_weight * aux_loss
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage2.batch_size")) from None
-            check_finite(loss, epoch, step, f"the last good checkpoint is {last_path}")
+            loss_value = loss.item()  # the one host-device sync of a step
+            check_finite(loss_value, epoch, step, f"the last good checkpoint is {last_path}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            loss_sum, seen = loss_sum + loss.item() * len(batch), seen + len(batch)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            loss_sum, seen = loss_sum + loss_value * len(batch), seen + len(batch)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
         runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) the same BatchNorm statistics
         loss_sum, seen = runtime.all_reduce_sum(
             torch.tensor([loss_sum, seen], dtype=torch.float64, device=runtime.device)).tolist()

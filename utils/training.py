@@ -49,10 +49,10 @@ def freeze_batchnorm(module):
                 param.requires_grad_(False)
 
 
-def check_finite(loss, epoch, step, checkpoint_hint):
-    """`step` is the 0-based step counted over the whole run; the message counts from 1."""
-    if not math.isfinite(float(loss.detach())):
-        raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
+def check_finite(loss_value, epoch, step, checkpoint_hint):
+    """`loss_value` is a Python float; `step` is 0-based over the whole run, the message counts from 1."""
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                             "(counted from the start of training); training stopped "
                             f"({checkpoint_hint}). Lower the learning rate or check the data.")
 
