@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.classifier import Stage1Classifier, build_backbone
@@ -21,13 +21,14 @@ from utils.cam import cams_to_masks, heatmap_of, multi_layer_cam
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir
-from utils.data import ClassificationSet, load_pair, split_items, train_items
+from utils.data import ClassificationSet, load_pair, split_items, train_items, training_loader
 from utils.files import BackgroundWriter, write_json
 from utils.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png
 from utils.metrics import confusion_matrix, scores
 from utils.postprocess import class_indices, fill_holes
 from utils.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
-from utils.runtime import cleanup, loader_options, setup_runtime, start_run, unwrap
+from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
+from utils.cuda_graphs import TrainStep
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
                             rng_state, set_rng_state, set_poly_lr, sgd_with_multipliers)
 from utils.transforms import to_tensor
@@ -63,6 +64,17 @@ def classification_loss(outputs, labels, s1):
     return loss
 
 
+def classifier_train_step(trainer, model, s1, runtime, scaler=None):
+    """Forward, loss and backward of a batch of (images, labels); returns the loss and the deep head's scores."""
+    def forward_loss(images, labels):
+        with runtime.autocast():
+            outputs = trainer(images)
+            loss = classification_loss(outputs, labels, s1)
+        return loss, outputs["logits"][-1]
+
+    return TrainStep(forward_loss, model.parameters(), runtime, scaler)
+
+
 def set_train_mode(model, s1):
     model.train()
     if s1.freeze_bn:
@@ -83,11 +95,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         raise TrainingError(f"stage1.batch_size={s1.batch_size} is not divisible by the {runtime.world_size} "
                             "processes; choose a multiple of the process count.")
     per_rank_batch = s1.batch_size // runtime.world_size
-    dataset = ClassificationSet(items, s1.image_size, cfg.data.mean, cfg.data.std, augment=True)
-    sampler = DistributedSampler(dataset, seed=cfg.seed, drop_last=True) if runtime.distributed else None
-    drop_last = len(dataset) // runtime.world_size >= per_rank_batch
-    loader = DataLoader(dataset, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
-                        drop_last=drop_last, **loader_options(runtime, train=True))
+    dataset = ClassificationSet(items, s1.image_size, cfg.data.mean, cfg.data.std, augment=True, seed=cfg.seed)
+    loader = training_loader(dataset, per_rank_batch, runtime, cfg.seed)
     freeze_stem(model, s1)
     if s1.freeze_bn:
         freeze_batchnorm(model)
@@ -112,12 +121,12 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
     if runtime.distributed:
         trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if runtime.device.type == "cpu"
                                                             else [runtime.device])
-    if cfg.compile and hasattr(torch, "compile"):
-        trainer = torch.compile(trainer)
+    if cfg.compile:
+        trainer = compile_model(trainer)
     scaler = runtime.grad_scaler()
+    train_step = classifier_train_step(trainer, model, s1, runtime, scaler)
     for epoch in range(start_epoch, s1.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         set_train_mode(model, s1)
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct label decisions, labels, images
         correct = 0
@@ -129,22 +138,17 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
             labels = labels.to(runtime.device, non_blocking=True)
             set_poly_lr(optimizer, step, total_steps, s1.poly_power)
             try:
-                with runtime.autocast():
-                    outputs = trainer(images)
-                    loss = classification_loss(outputs, labels, s1)
+                loss, scores = train_step(images, labels)
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage1.batch_size")) from None
-            loss_value = loss.item()  # the one host-device sync of a step
+            loss_value = loss.item()  # the one host-device sync of a step; no update is made from a bad loss
             check_finite(loss_value, epoch, step, f"the last good checkpoint is {checkpoint_path}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            correct = correct + ((scores > 0).float() == labels).sum()  # stays on the device until the epoch ends
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), s1.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            predicted = (outputs["logits"][-1].detach() > 0).float()
-            correct = correct + (predicted == labels).sum()  # stays on the device until the epoch ends
             totals += torch.tensor([loss_value * len(images), 0, labels.numel(), len(images)], dtype=torch.float64)
             bar.set_postfix(loss=f"{loss_value:.4f}")
         totals[1] = float(correct)

@@ -11,14 +11,13 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from models.dpr import DPR
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir
-from utils.data import SegmentationSet, load_pair, split_items, train_items
+from utils.data import SegmentationSet, load_pair, split_items, train_items, training_loader
 from utils.files import BackgroundWriter, write_json
 from utils.imageio import DataError, colorize, overlay, read_mask, write_palette_png, write_rgb
 from utils.losses import IICBLoss
@@ -26,8 +25,9 @@ from utils.metrics import confusion_matrix, scores
 from utils.postprocess import class_indices
 from utils.predict import predict_mask, segmenter_meta
 from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
-from utils.runtime import cleanup, loader_options, setup_runtime, start_run
-from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, rng_state,
+from utils.runtime import cleanup, compile_model, setup_runtime, start_run
+from utils.cuda_graphs import TrainStep
+from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, rng_state, sgd,
                             set_poly_lr, set_rng_state)
 from utils.visualize import contact_sheet
 
@@ -117,6 +117,18 @@ def save_stage2(path, model, cfg, extra):
                            "config": cfg.to_dict(), **extra})
 
 
+def segmenter_train_step(trainer, model, criterion, aux_weight, runtime, scaler=None):
+    """Forward, IICB loss on both paths and backward of a batch of (images, masks); returns the loss."""
+    def forward_loss(images, masks):
+        with runtime.autocast():
+            outputs = trainer(images)
+        main_loss, _ = criterion(outputs["main"].float(), masks)
+        aux_loss, _ = criterion(outputs["aux"].float(), masks)
+        return (main_loss + aux_weight * aux_loss,)
+
+    return TrainStep(forward_loss, model.parameters(), runtime, scaler)
+
+
 def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     s2 = cfg.stage2
     if s2.batch_size % runtime.world_size:
@@ -125,11 +137,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     per_rank_batch = s2.batch_size // runtime.world_size
     images, masks, encoding = training_pairs(cfg)
     dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
-                              len(cfg.data.classes), augment=True)
-    sampler = DistributedSampler(dataset, seed=cfg.seed, drop_last=True) if runtime.distributed else None
-    loader = DataLoader(dataset, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
-                        drop_last=len(dataset) // runtime.world_size >= per_rank_batch,
-                        **loader_options(runtime, train=True))
+                              len(cfg.data.classes), augment=True, seed=cfg.seed)
+    loader = training_loader(dataset, per_rank_batch, runtime, cfg.seed)
     if runtime.is_main:
         print(f"stage 2 on {len(dataset)} images with {'ground-truth' if encoding != 'index' or s2.train_masks == 'ground_truth' else 'pseudo'} masks")
     if s2.sync_bn and runtime.distributed and runtime.device.type != "cuda":
@@ -139,7 +148,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     elif s2.sync_bn and runtime.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(runtime.device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay)
+    optimizer = sgd(model.parameters(), s2.lr, s2.momentum, s2.weight_decay)
     for group in optimizer.param_groups:
         group["initial_lr"] = s2.lr
     criterion = IICBLoss(**s2.iicb)
@@ -161,8 +170,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     if runtime.distributed:
         trainer = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=None if runtime.device.type == "cpu" else [runtime.device])
-    if cfg.compile and hasattr(torch, "compile"):
-        trainer = torch.compile(trainer)
+    if cfg.compile:
+        trainer = compile_model(trainer)
     if s2.epochs == 0:  # evaluate a given model as it is (the "before" of few-shot adaptation)
         if not s2.init_from:
             raise TrainingError("stage2.epochs is 0 and no stage2.init_from is set: there is no model to score.")
@@ -171,9 +180,9 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         runtime.barrier()
         return best_path
     scaler = runtime.grad_scaler()
+    train_step = segmenter_train_step(trainer, model, criterion, s2.aux_weight, runtime, scaler)
     for epoch in range(start_epoch, s2.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         model.train()
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, desc=f"stage 2 epoch {epoch + 1}/{s2.epochs}", leave=False, disable=not runtime.is_main)
@@ -182,17 +191,11 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             target = target.to(runtime.device, non_blocking=True)
             set_poly_lr(optimizer, step, total_steps, s2.poly_power)
             try:
-                with runtime.autocast():
-                    outputs = trainer(batch)
-                main_loss, _ = criterion(outputs["main"].float(), target)
-                aux_loss, _ = criterion(outputs["aux"].float(), target)
-                loss = main_loss + s2.aux_weight * aux_loss
+                loss, = train_step(batch, target)
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage2.batch_size")) from None
-            loss_value = loss.item()  # the one host-device sync of a step
+            loss_value = loss.item()  # the one host-device sync of a step; no update is made from a bad loss
             check_finite(loss_value, epoch, step, f"the last good checkpoint is {last_path}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             step += 1

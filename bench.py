@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from utils.config import load_config
 from utils.files import write_json
-from utils.runtime import setup_runtime
+from utils.runtime import compile_model, setup_runtime
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -66,7 +66,7 @@ def peak_memory_gib(device):
         return None
 
 
-def time_steps(step, steps, device, warmup=3):
+def time_steps(step, steps, device, warmup=6):  # training steps capture their CUDA graph on the 4th call
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -83,10 +83,25 @@ def count_flops(step):
     return counter.get_total_flops()
 
 
-def training_figure(name, step, batch, steps, runtime):
+def print_profile(name, step, device, steps=3):
+    """The operators that take the most device (or CPU) time over a few steps."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"--- {name}: top operators over {steps} steps")
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
+def training_figure(name, step, batch, steps, runtime, profile=False):
     reset_memory(runtime.device)
+    flops = count_flops(step)  # first, while the step still runs eagerly: a graph replay shows no operators
+    if profile:
+        print_profile(name, step, runtime.device)
     seconds = time_steps(step, steps, runtime.device)
-    flops = count_flops(step)
     peak = peak_flops(runtime.device)
     return {"figure": name, "images_per_s": batch / seconds, "step_ms": 1000 * seconds,
             "peak_mem_gib": peak_memory_gib(runtime.device), "tflop_per_step": flops / 1e12,
@@ -101,24 +116,22 @@ def bench_stage1_training(cfg, runtime, s):
     model.train()
     if cfg.stage1.freeze_bn:
         freeze_batchnorm(model)
-    trainer = torch.compile(model) if cfg.compile else model
+    trainer = compile_model(model) if cfg.compile else model
     optimizer = sgd_with_multipliers([model.backbone], model.new_modules(), 0.01, 0.9, 5e-4)
     scaler = runtime.grad_scaler()
+    train_step = stage1.classifier_train_step(trainer, model, cfg.stage1, runtime, scaler)
     images = torch.randn(s["stage1_batch"], 3, s["stage1_size"], s["stage1_size"], device=runtime.device)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 2, (s["stage1_batch"], len(cfg.data.classes)), device=runtime.device).float()
 
-    def step():
-        with runtime.autocast():
-            loss = stage1.classification_loss(trainer(images), labels, cfg.stage1)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+    def step():  # as in 1_train_stage1.py, without the host-side loss check
+        train_step(images, labels)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         scaler.step(optimizer)
         scaler.update()
 
-    return training_figure("stage1_train", step, s["stage1_batch"], s["stage1_steps"], runtime), model
+    return training_figure("stage1_train", step, s["stage1_batch"], s["stage1_steps"], runtime, s["profile"]), model
 
 
 def write_tiles(folder, count, size, labelled):
@@ -162,27 +175,25 @@ def bench_pseudo_masks(cfg, runtime, s, model, workdir):
 def bench_stage2_training(cfg, runtime, s):
     from models.dpr import DPR
     from utils.losses import IICBLoss
+    from utils.training import sgd
+    stage2 = importlib.import_module("2_train_stage2")
     model = DPR(s["stage2_encoder"], len(cfg.data.classes)).to(runtime.device).to(memory_format=torch.channels_last)
     model.train()
-    trainer = torch.compile(model) if cfg.compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    criterion = IICBLoss()
+    trainer = compile_model(model) if cfg.compile else model
+    optimizer = sgd(model.parameters(), 0.01, 0.9, 5e-4)
     scaler = runtime.grad_scaler()
+    train_step = stage2.segmenter_train_step(trainer, model, IICBLoss(), 0.4, runtime, scaler)
     size = s["stage2_size"]
     images = torch.randn(s["stage2_batch"], 3, size, size, device=runtime.device)
     images = images.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, len(cfg.data.classes), (s["stage2_batch"], size, size), device=runtime.device)
 
-    def step():
-        with runtime.autocast():
-            outputs = trainer(images)
-        loss = criterion(outputs["main"].float(), target)[0] + 0.4 * criterion(outputs["aux"].float(), target)[0]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+    def step():  # as in 2_train_stage2.py, without the host-side loss check
+        train_step(images, target)
         scaler.step(optimizer)
         scaler.update()
 
-    return training_figure("stage2_train", step, s["stage2_batch"], s["stage2_steps"], runtime), model
+    return training_figure("stage2_train", step, s["stage2_batch"], s["stage2_steps"], runtime, s["profile"]), model
 
 
 def bench_inference(cfg, runtime, s, model, workdir):
@@ -227,12 +238,15 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--compile", action="store_true", help="torch.compile the training models")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run training steps eagerly on GPUs too")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of the training steps")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these: stage1_train cam_pseudo_masks stage2_train inference")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
-    s = QUICK if args.quick else FULL
+    s = dict(QUICK if args.quick else FULL, profile=args.profile)
     cfg = load_config(None, [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
+                             f"cuda_graphs={not args.no_cuda_graphs}",
                              f"stage1.backbone={s['stage1_backbone']}", "stage1.out_indices=[1,2,3]",
                              "stage1.freeze_bn=true", "num_workers=-1"])
     runtime = setup_runtime(cfg)
@@ -240,8 +254,9 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else platform.processor() or "cpu"
     header = {"device": device_name, "torch": torch.__version__, "precision": str(runtime.amp_dtype or "fp32"),
               "settings": "quick" if args.quick else "full", "world_size": runtime.world_size,
-              "compile": args.compile, "threads": torch.get_num_threads()}
-    print(f"bench on {device_name} (torch {torch.__version__}, {header['precision']}, {header['settings']} settings)")
+              "compile": args.compile, "cuda_graphs": runtime.cuda_graphs, "threads": torch.get_num_threads()}
+    print(f"bench on {device_name} (torch {torch.__version__}, {header['precision']}, {header['settings']} settings"
+          f"{', CUDA graphs' if runtime.cuda_graphs else ''}{', torch.compile' if args.compile else ''})")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -3,6 +3,7 @@
 A timm encoder cut at output stride 8, a pyramid-pooling main path whose class logits pass through a
 refinement attention, and a light auxiliary path on the same encoder features.
 """
+import functools
 from pathlib import Path
 
 import timm
@@ -14,6 +15,7 @@ from timm.models import FeatureInfo
 PYRAMID_BINS = (1, 2, 3, 6)
 
 
+@functools.lru_cache(maxsize=None)
 def _encoder_feature_info(encoder_name):
     if not timm.is_model(encoder_name):
         raise ValueError(f"unknown timm encoder '{encoder_name}'; pick a name from timm.list_models().")

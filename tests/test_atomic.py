@@ -42,16 +42,15 @@ def half_write_then_die(data, destination):
 {patch}
 importlib.import_module({script!r}).main(sys.argv[1:])
 """
-# Dies half-way through the nth PNG the process saves.
+# Dies half-way through the nth PNG the process writes (PNGs are encoded in memory, then written).
 PNG_PATCH = """
-real_save = Image.Image.save
-def save(self, fp, format=None, **params):
-    if next(counter) == {nth}:
-        buffer = io.BytesIO()
-        real_save(self, buffer, format=format or "PNG", **params)
-        half_write_then_die(buffer.getvalue(), fp)
-    return real_save(self, fp, format, **params)
-Image.Image.save = save
+import pathlib
+real_write_bytes = pathlib.Path.write_bytes
+def write_bytes(self, data):
+    if self.suffix == ".png" and next(counter) == {nth}:
+        half_write_then_die(data, self)
+    return real_write_bytes(self, data)
+pathlib.Path.write_bytes = write_bytes
 """
 # Dies half-way through the nth torch.save of a file whose (temporary) name starts with `prefix`.
 TORCH_PATCH = """

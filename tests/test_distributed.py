@@ -20,8 +20,10 @@ from PIL import Image
 from conftest import ROOT, tiny_demo_args
 from utils.checkpoint import STAGE1_FORMAT, STAGE2_FORMAT, load_checkpoint
 
-# one epoch each; a higher stage-2 lr and more val images make masks non-constant, so comparisons have teeth
-ONE_EPOCH = ("stage1.epochs=1", "stage2.epochs=1", "stage2.lr=0.1", "demo.val_images=8")
+# One epoch each. The deeper stage-1 taps, a higher stage-2 lr and more val images make masks non-constant
+# after so little training, so the comparisons have teeth.
+ONE_EPOCH = ("stage1.epochs=1", "stage1.out_indices=[1,2,3]", "stage2.epochs=1", "stage2.lr=0.1",
+             "demo.val_images=8")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                       "MASTER_PORT")
 

@@ -112,7 +112,7 @@ def test_batched_tiles_equal_one_by_one_prediction(checkpoint):
     rng = np.random.default_rng(1)
     for shape in [(64, 64), (40, 48), (20, 64)]:
         tiles = [rng.integers(0, 256, shape + (3,), dtype=np.uint8) for _ in range(3)]
-        batched = inference.predict_tile_batch(model, tiles, CPU, WINDOW, meta["mean"], meta["std"])
+        batched = inference.predict_tile_batch(model, tiles, CPU, WINDOW, meta["mean"], meta["std"], len(tiles))
         for tile, logits in zip(tiles, batched):
             single = predict_logits(model, tile, CPU, WINDOW, 0.25, 4, meta["mean"], meta["std"], 2)[0]
             assert logits.shape == single.shape == (2,) + shape

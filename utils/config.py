@@ -19,6 +19,7 @@ DEFAULTS = {
     "precision": "auto",       # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     "num_workers": -1,         # -1: chosen from the machine
     "compile": False,          # torch.compile the training model when available
+    "cuda_graphs": True,       # replay training steps from CUDA graphs (one CUDA GPU, bf16 or fp32)
     "runs_dir": "runs",
     "data": {
         "root": "datasets/demo",

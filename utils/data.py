@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.imageio import DataError, list_images, read_mask, read_rgb
 from utils.transforms import to_tensor
@@ -108,23 +108,56 @@ def load_pair(item, encoding, num_classes):
     return image, mask
 
 
+def augmentation_rng(seed, key):
+    """The random generator of one sample: `key` is an index, or (epoch, index) from EpochSampler.
+
+    Seeded by (seed, epoch, index) alone, so augmentation is the same with any number of loader workers or
+    processes, with workers kept between epochs, and after --resume.
+    """
+    epoch, index = key if isinstance(key, tuple) else (0, key)
+    return np.random.default_rng([seed, epoch, index]), index
+
+
+class EpochSampler(DistributedSampler):
+    """This process's share of a shuffled order seeded by (seed, epoch); yields (epoch, index) pairs."""
+
+    def __init__(self, dataset, runtime, seed):
+        super().__init__(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=seed,
+                         drop_last=runtime.distributed)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+def training_loader(dataset, per_rank_batch, runtime, seed):
+    """Shuffled batches of this process's share; call `loader.sampler.set_epoch(epoch)` before each epoch."""
+    from utils.runtime import loader_options
+    drop_last = len(dataset) // runtime.world_size >= per_rank_batch
+    # A generator of its own: seeding loader workers must not move the global one that dropout draws from,
+    # or a resumed run would drop out differently from an uninterrupted one.
+    return DataLoader(dataset, batch_size=per_rank_batch, sampler=EpochSampler(dataset, runtime, seed),
+                      drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
+                      **loader_options(runtime, train=True))
+
+
 class ClassificationSet(Dataset):
     """Stage 1: image resized to a square, random flips, image-level label."""
 
-    def __init__(self, items, image_size, mean, std, augment):
+    def __init__(self, items, image_size, mean, std, augment, seed=0):
         self.items, self.image_size, self.mean, self.std, self.augment = items, image_size, mean, std, augment
+        self.seed = seed
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
         import cv2
+        rng, index = augmentation_rng(self.seed, key)
         item = self.items[index]
         image = read_rgb(item.image)
         if image.shape[0] != self.image_size or image.shape[1] != self.image_size:
             image = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
         if self.augment:
-            rng = np.random.default_rng(torch.randint(0, 2**31, ()).item())
             if rng.random() < 0.5:
                 image = image[:, ::-1]
             if rng.random() < 0.5:
@@ -135,21 +168,21 @@ class ClassificationSet(Dataset):
 class SegmentationSet(Dataset):
     """Stage 2: image + (pseudo or true) class-index mask, random crop of crop_size (padded with ignore)."""
 
-    def __init__(self, images, masks, crop_size, mean, std, encoding, num_classes, augment=True):
-        self.images, self.masks = images, masks
+    def __init__(self, images, masks, crop_size, mean, std, encoding, num_classes, augment=True, seed=0):
+        self.images, self.masks, self.seed = images, masks, seed
         self.crop_size, self.mean, self.std = crop_size, mean, std
         self.encoding, self.num_classes, self.augment = encoding, num_classes, augment
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
         from utils.transforms import random_crop_pair
+        rng, index = augmentation_rng(self.seed, key)
         image = read_rgb(self.images[index])
         mask = read_mask(self.masks[index], self.encoding, self.num_classes)
         if mask.shape != image.shape[:2]:
             raise DataError(f"{self.masks[index]}: mask size {mask.shape[::-1]} differs from its image "
                             f"{image.shape[1::-1]}.")
-        rng = np.random.default_rng(torch.randint(0, 2**31, ()).item())
         image, mask = random_crop_pair(image, mask, self.crop_size, rng, self.augment)
         return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64)), index

@@ -1,11 +1,21 @@
 """Reading images and masks, writing palette PNGs and overlays, all with errors that name the file."""
 import warnings
+import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils.files import atomic_path
+
+# Images are decoded and encoded on many loader processes and I/O threads at once; OpenCV's own thread
+# pool on top of those only oversubscribes the cores.
+cv2.setNumThreads(1)
+try:  # a damaged file is reported once, by PIL, as a DataError naming it; not also by OpenCV's log
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+except AttributeError:  # OpenCV builds without the logging module
+    pass
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 IGNORE_INDEX = 255
@@ -33,8 +43,37 @@ def _open(path):
         raise DataError(f"{path}: cannot be read as an image ({error}); replace or remove the file.") from None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FAST_PNG_MAX_PIXELS = 1 << 26  # larger images go through PIL and its decompression-bomb limits
+
+
+def _read_rgb_png_fast(path):
+    """8-bit RGB PNGs decoded by OpenCV, which holds no GIL while decoding (reader threads run in parallel).
+
+    None for anything else (other formats, grey, palette, alpha, 16-bit, damaged files): PIL reads those.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+    header = data[:33].tobytes()
+    # IHDR follows the signature: width, height, then bit depth and colour type (2 is RGB)
+    if len(header) < 33 or header[:8] != PNG_SIGNATURE or header[12:16] != b"IHDR" or header[24:26] != b"\x08\x02":
+        return None
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    if width * height > FAST_PNG_MAX_PIXELS:
+        return None
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        return None
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def read_rgb(path):
     """H x W x 3 uint8. Grayscale, palette, RGBA and 16-bit images are converted, not rejected."""
+    fast = _read_rgb_png_fast(path)
+    if fast is not None:
+        return fast
     image = _open(path)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
@@ -94,15 +133,44 @@ def palette_image(mask, palette):
     return image
 
 
+def _png_chunk(kind, data):
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def palette_png_bytes(mask, palette):
+    """An 8-bit palette PNG of class indices, encoded here rather than by PIL: zlib holds no GIL while
+    compressing, so many masks are written in parallel. Unused palette entries are black."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"a mask must be a non-empty 2-D array, got shape {mask.shape}")
+    height, width = mask.shape
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    colours[:len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    colours[IGNORE_INDEX] = 0
+    rows = np.concatenate([np.zeros((height, 1), dtype=np.uint8), mask], axis=1)  # filter type 0 per row
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 3, 0, 0, 0])
+    return (PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"PLTE", colours.tobytes())
+            + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + _png_chunk(b"IEND", b""))
+
+
 def write_palette_png(path, mask, palette):
+    data = palette_png_bytes(mask, palette)
     with atomic_path(path) as tmp:
-        palette_image(mask, palette).save(tmp, format="PNG")
+        Path(tmp).write_bytes(data)
 
 
 def write_rgb(path, array):
-    fmt = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    """An RGB array as JPEG (by suffix) or PNG. PNGs are encoded by OpenCV: several times faster than PIL,
+    and it releases the GIL, so writer threads run in parallel."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
     with atomic_path(path) as tmp:
-        Image.fromarray(np.asarray(array, dtype=np.uint8)).save(tmp, format=fmt)
+        if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+            Image.fromarray(array).save(tmp, format="JPEG")
+            return
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise OSError(f"PNG encoding failed for {path}")
+        Path(tmp).write_bytes(encoded.tobytes())
 
 
 def colorize(mask, palette):
@@ -113,8 +181,8 @@ def colorize(mask, palette):
 
 def overlay(image, mask, palette, alpha=0.45):
     """Blend class colours over the image; background (class 0) and ignore stay as the image."""
-    colour = colorize(mask, palette).astype(np.float32)
-    blend = image.astype(np.float32) * (1 - alpha) + colour * alpha
-    keep = (np.asarray(mask) == 0) | (np.asarray(mask) == IGNORE_INDEX)
-    blend[keep] = image[keep]
-    return np.clip(blend, 0, 255).astype(np.uint8)
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    mask = np.asarray(mask)
+    blend = cv2.addWeighted(image, 1 - alpha, colorize(mask, palette), alpha, 0.0)
+    keep = (mask == 0) | (mask == IGNORE_INDEX)
+    return np.where(keep[..., None], image, blend)

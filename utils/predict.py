@@ -27,13 +27,22 @@ def load_segmenter(path, device):
     if missing:
         raise CheckpointError(f"{path}: a stage-2 file without {', '.join(missing)} in its metadata; "
                               "re-export it with 2_train_stage2.py.")
-    model = DPR(meta["encoder"], len(meta["classes"]), pretrained=False)
+    # Built without memory on the meta device, then given the file's tensors: random initialisation of
+    # weights about to be replaced took most of the start-up time.
+    with torch.device("meta"):
+        model = DPR(meta["encoder"], len(meta["classes"]), pretrained=False)
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(payload["model"], assign=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path}: its weights do not fit a {meta['encoder']} DPR "
                               f"({str(error).splitlines()[0][:200]}).") from None
-    return model.to(device).eval(), meta
+    unfilled = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if unfilled:
+        raise CheckpointError(f"{path}: its weights leave {', '.join(unfilled[:5])} of the {meta['encoder']} DPR "
+                              "unset; re-export it with 2_train_stage2.py.")
+    # One layout whatever the file kept (.pth keeps channels-last strides, .safetensors is contiguous), so
+    # both give bit-identical predictions; channels-last is also the fast layout for convolutions.
+    return model.to(device, memory_format=torch.channels_last).eval(), meta
 
 
 @torch.no_grad()

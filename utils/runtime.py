@@ -21,6 +21,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     num_workers: int = 0
+    cuda_graphs: bool = False   # training steps replayed from CUDA graphs (see utils/cuda_graphs.py)
 
     @property
     def distributed(self):
@@ -33,7 +34,9 @@ class Runtime:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        # No weight-cast cache: it cannot live inside a captured CUDA graph, and each weight is cast once
+        # per step anyway.
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
     def grad_scaler(self):
         """fp16 needs loss scaling; bf16 and fp32 do not."""
@@ -117,15 +120,33 @@ def setup_runtime(cfg, device=None):
         if chosen.type == "cpu":
             workers = min(workers, 2)
     seed_everything(cfg.seed + rank)
-    return Runtime(chosen, _pick_precision(cfg.precision, chosen), rank, world_size, local_rank, workers)
+    precision = _pick_precision(cfg.precision, chosen)
+    # Graphs need one process (DDP's gradient hooks are not captured), no loss scaling (the scaler reads
+    # the gradients on the host) and no torch.compile (which brings its own).
+    graphs = (cfg.cuda_graphs and chosen.type == "cuda" and world_size == 1 and precision != torch.float16
+              and not cfg.compile)
+    return Runtime(chosen, precision, rank, world_size, local_rank, workers, graphs)
+
+
+def compile_model(model):
+    """torch.compile, falling back to the plain model (with a warning) wherever compiling fails."""
+    try:
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True  # a failed graph compile runs eagerly instead of stopping
+        return torch.compile(model)
+    except Exception as error:  # no compiler for this Python or platform
+        import warnings
+        warnings.warn(f"torch.compile is unavailable here ({type(error).__name__}: {error}); running without it.",
+                      RuntimeWarning)
+        return model
 
 
 def loader_options(runtime, train):
     options = {"num_workers": runtime.num_workers, "pin_memory": runtime.device.type == "cuda"}
     if runtime.num_workers > 0:
-        # Workers are not kept between epochs: fresh ones take their random seeds from the main process's
-        # generator, which a checkpoint restores, so `--resume` augments exactly as an uninterrupted run.
         options.update(prefetch_factor=4)
+        if train:  # kept between epochs; augmentation is seeded per sample, so resuming stays exact
+            options.update(persistent_workers=True)
     return options
 
 
