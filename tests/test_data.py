@@ -3,7 +3,7 @@ import pytest
 
 from conftest import save_png
 from utils.data import load_pair, parse_label, split_items, train_items
-from utils.imageio import DataError, decode_mask, read_rgb
+from utils.imageio import IGNORE_INDEX, DataError, decode_mask, read_mask, read_rgb, write_palette_png
 
 
 @pytest.mark.parametrize("name", ["a[1, 0].png", "a[1,0].png", "a[1 0].png", "a[10].png", "a [1,0].png"])
@@ -47,11 +47,73 @@ def test_image_modes_are_converted(tmp_path):
     assert read_rgb(gray)[0, 0].tolist() == [100, 100, 100]
 
 
-def test_unreadable_image_names_file(tmp_path):
+def test_unreadable_image_names_file(tmp_path, capfd):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     with pytest.raises(DataError, match="bad.png"):
         read_rgb(bad)
+    whole = save_png(tmp_path / "whole.png", np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[:300])
+    capfd.readouterr()
+    with pytest.raises(DataError, match="truncated.png"):
+        read_rgb(truncated)
+    assert capfd.readouterr().err == ""  # one message, the DataError: no decoder log lines besides it
+
+
+def test_rgb_png_reads_exactly_as_pil_decodes_it(tmp_path):
+    from PIL import Image
+    pixels = np.random.default_rng(1).integers(0, 255, (37, 53, 3), np.uint8)
+    path = save_png(tmp_path / "rgb.png", pixels)
+    image = read_rgb(path)
+    assert image.dtype == np.uint8 and image.flags["C_CONTIGUOUS"]
+    assert np.array_equal(image, pixels) and np.array_equal(image, np.asarray(Image.open(path).convert("RGB")))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (40, 33)])
+def test_palette_png_holds_the_indices_and_the_class_colours(tmp_path, shape):
+    from PIL import Image
+    palette = [(239, 239, 239), (190, 61, 42), (10, 200, 30)]
+    mask = np.random.default_rng(2).integers(0, 3, shape).astype(np.uint8)
+    mask.flat[-1] = IGNORE_INDEX
+    write_palette_png(tmp_path / "m.png", mask, palette)
+    image = Image.open(tmp_path / "m.png")
+    assert image.mode == "P" and image.size == (shape[1], shape[0])
+    assert np.array_equal(np.asarray(image), mask)
+    colours = np.asarray(image.getpalette()[:768]).reshape(-1, 3)
+    assert colours[:3].tolist() == [list(c) for c in palette] and colours[IGNORE_INDEX].tolist() == [0, 0, 0]
+    assert read_mask(tmp_path / "m.png", "index", 3).tolist() == mask.tolist()
+
+
+def batches_of(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return [(images.clone(), labels.clone(), indices.clone()) for images, labels, indices in loader]
+
+
+def test_training_batches_depend_on_seed_and_epoch_only(tmp_path):
+    """Persistent or not, any worker count gives the same augmented batches, so --resume stays exact."""
+    import torch
+    from utils.data import ClassificationSet, training_loader
+    from utils.runtime import Runtime
+    make_layout(tmp_path)
+    items = train_items(tmp_path, 2) * 4  # 12 images: a few batches
+    dataset = ClassificationSet(items, 8, [0.5] * 3, [0.25] * 3, augment=True, seed=7)
+    runs = []
+    for workers in (0, 2):
+        loader = training_loader(dataset, 4, Runtime(torch.device("cpu"), None, num_workers=workers), seed=7)
+        runs.append([batches_of(loader, 0), batches_of(loader, 1)])
+    for epoch in (0, 1):
+        for (a_images, a_labels, a_index), (b_images, b_labels, b_index) in zip(runs[0][epoch], runs[1][epoch]):
+            assert torch.equal(a_index, b_index) and torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+    first, second = runs[0]
+    assert [b[2].tolist() for b in first] != [b[2].tolist() for b in second]  # reshuffled each epoch
+
+    def by_index(batches):
+        return {int(i): image for images, _, indices in batches for i, image in zip(indices, images)}
+
+    # and augmented afresh: some image is flipped differently in the second epoch
+    first, second = by_index(first), by_index(second)
+    assert any(not torch.equal(first[i], second[i]) for i in first.keys() & second.keys())
 
 
 def make_layout(root, classes=2):

@@ -89,6 +89,7 @@ def test_folder_of_mixed_formats_with_a_corrupt_file(tmp_path, checkpoint):
         assert rows[name]["status"] == "ok"
         assert (int(rows[name]["width"]), int(rows[name]["height"])) == size
         assert abs(float(rows[name]["frac_background"]) + float(rows[name]["frac_gland"]) - 1) < 1e-3
+        assert abs(float(rows[name]["frac_gland"]) - (np.asarray(mask) == 1).mean()) < 1e-4  # as written
     assert rows["gray.tif"]["kind"] == "image" and rows["rgb.png"]["kind"] == "tile"
     assert rows["gray.tif"]["tiles_predicted"] == "4"
     # 16-bit RGB is scaled to 8 bits, not truncated to its low byte.
