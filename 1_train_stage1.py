@@ -21,6 +21,7 @@ from utils.cam import cams_to_masks, heatmap_of, multi_layer_cam
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir
+from utils.cuda_graphs import TrainStep
 from utils.data import ClassificationSet, load_pair, split_items, train_items, training_loader
 from utils.files import BackgroundWriter, write_json
 from utils.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png
@@ -28,7 +29,6 @@ from utils.metrics import confusion_matrix, scores
 from utils.postprocess import class_indices, fill_holes
 from utils.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
 from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
-from utils.cuda_graphs import TrainStep
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
                             rng_state, set_rng_state, set_poly_lr, sgd_with_multipliers)
 from utils.transforms import to_tensor

@@ -17,6 +17,7 @@ from models.dpr import DPR
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir
+from utils.cuda_graphs import TrainStep
 from utils.data import SegmentationSet, load_pair, split_items, train_items, training_loader
 from utils.files import BackgroundWriter, write_json
 from utils.imageio import DataError, colorize, overlay, read_mask, write_palette_png, write_rgb
@@ -26,7 +27,6 @@ from utils.postprocess import class_indices
 from utils.predict import predict_mask, segmenter_meta
 from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
-from utils.cuda_graphs import TrainStep
 from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, rng_state, sgd,
                             set_poly_lr, set_rng_state)
 from utils.visualize import contact_sheet

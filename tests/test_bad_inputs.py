@@ -365,6 +365,8 @@ def test_bad_inputs_stop_with_one_sentence_naming_the_file_or_setting(prepared, 
          str(text_checkpoint), "not a PyTorch checkpoint")
 
     results = run_cases(tmp_path, cases)
+    # found from the file headers before training, not after an epoch of work
+    assert "stage 2 epoch" not in results["stage2_wrong_size_val_mask"][1]
     failures = []
     for name, needles in expect.items():
         code, stderr = results[name]

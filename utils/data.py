@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from utils.imageio import DataError, list_images, read_mask, read_rgb
+from utils.imageio import DataError, image_size, list_images, read_mask, read_rgb
 from utils.transforms import to_tensor
 
 _LABEL_GROUP = re.compile(r"^(?P<stem>.*)\[(?P<labels>[^\[\]]*)\]$")
@@ -86,8 +86,17 @@ def split_items(root, split, required=True):
         if mask is None:
             raise DataError(f"{path}: no mask {root / split / 'mask' / (path.stem + '.png')}; every {split} "
                             f"image needs one.")
+        # from the headers, so a mismatch stops the run before training rather than at its first evaluation
+        _check_same_size(mask, image_size(mask), image_size(path))
         items.append(Item(path, path.stem, None, mask))
     return items
+
+
+def _check_same_size(mask_path, mask_size, image_size):
+    """Sizes as (width, height)."""
+    if tuple(mask_size) != tuple(image_size):
+        raise DataError(f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image is "
+                        f"{image_size[0]}x{image_size[1]}; masks must match their images.")
 
 
 def _find_mask(folder, stem):
@@ -102,9 +111,7 @@ def load_pair(item, encoding, num_classes):
     """Image (H x W x 3 uint8) and its class-index mask, checked to be the same size."""
     image = read_rgb(item.image)
     mask = read_mask(item.mask, encoding, num_classes)
-    if mask.shape != image.shape[:2]:
-        raise DataError(f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                        f"{image.shape[1]}x{image.shape[0]}; masks must match their images.")
+    _check_same_size(item.mask, mask.shape[::-1], image.shape[1::-1])
     return image, mask
 
 

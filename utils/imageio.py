@@ -69,6 +69,15 @@ def _read_rgb_png_fast(path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def image_size(path):
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot be read as an image ({error}); replace or remove the file.") from None
+
+
 def read_rgb(path):
     """H x W x 3 uint8. Grayscale, palette, RGBA and 16-bit images are converted, not rejected."""
     fast = _read_rgb_png_fast(path)

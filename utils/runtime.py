@@ -21,7 +21,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     num_workers: int = 0
-    cuda_graphs: bool = False   # training steps replayed from CUDA graphs (see utils/cuda_graphs.py)
+    cuda_graphs: bool = False   # training steps and inference replayed from CUDA graphs (utils/cuda_graphs.py)
 
     @property
     def distributed(self):
