@@ -156,8 +156,12 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def cleanup(runtime):
+def cleanup(runtime, wait_for_all=True):
+    """Close the process group. By default every rank first waits for the others: a rank that tears down its
+    end while rank 0 is still writing its last files can abort the whole job."""
     if runtime.distributed and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
