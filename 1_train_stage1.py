@@ -30,7 +30,8 @@ from utils.postprocess import class_indices, fill_holes
 from utils.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
 from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
-                            rng_state, set_rng_state, set_poly_lr, sgd_with_multipliers)
+                            restore_scaler, rng_state, set_rng_state, set_poly_lr,
+                            sgd_with_multipliers)
 from utils.transforms import to_tensor
 from utils.visualize import contact_sheet, heat_overlay, mask_picture
 
@@ -106,6 +107,7 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
     total_steps = max(1, s1.epochs * len(loader))
     checkpoint_path = out_dir / "checkpoint.pth"
     log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "accuracy", "lr", "seconds"], keep_existing=resume)
+    scaler = runtime.grad_scaler()
     start_epoch, step = 0, 0
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, STAGE1_FORMAT)
@@ -113,6 +115,7 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         if "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
+            restore_scaler(scaler, state)
         start_epoch, step = state["epoch"], state["step"]
         log.truncate(start_epoch)
         if runtime.is_main:
@@ -123,7 +126,6 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
                                                             else [runtime.device])
     if cfg.compile:
         trainer = compile_model(trainer)
-    scaler = runtime.grad_scaler()
     train_step = classifier_train_step(trainer, model, s1, runtime, scaler)
     for epoch in range(start_epoch, s1.epochs):
         loader.sampler.set_epoch(epoch)
@@ -164,7 +166,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
                        f"{row['seconds']} s")
             save_checkpoint(checkpoint_path, {
                 "format": STAGE1_FORMAT, "model": model.state_dict(), "config": cfg.to_dict(),
-                "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()})
+                "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "scaler": scaler.state_dict()})
         runtime.barrier()
     return checkpoint_path
 

@@ -27,8 +27,8 @@ from utils.postprocess import class_indices
 from utils.predict import predict_mask, segmenter_meta
 from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
-from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, rng_state, sgd,
-                            set_poly_lr, set_rng_state)
+from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, restore_scaler,
+                            rng_state, sgd, set_poly_lr, set_rng_state)
 from utils.visualize import contact_sheet
 
 
@@ -155,6 +155,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     total_steps = max(1, s2.epochs * len(loader))
     log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "val_miou", "val_mdice", "lr", "seconds"],
                  keep_existing=resume)
+    scaler = runtime.grad_scaler()
     start_epoch, step, best = 0, 0, -1.0
     last_path, best_path = out_dir / "last.pth", out_dir / "best.pth"
     if resume and last_path.is_file():
@@ -162,6 +163,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
+        restore_scaler(scaler, state)
         start_epoch, step, best = state["epoch"], state["step"], state["best_miou"]
         log.truncate(start_epoch)
         if runtime.is_main:
@@ -179,7 +181,6 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             save_stage2(best_path, model, cfg, {"epoch": 0})
         runtime.barrier()
         return best_path
-    scaler = runtime.grad_scaler()
     train_step = segmenter_train_step(trainer, model, criterion, s2.aux_weight, runtime, scaler)
     for epoch in range(start_epoch, s2.epochs):
         loader.sampler.set_epoch(epoch)
@@ -219,7 +220,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
                 save_safetensors(out_dir / "best.safetensors", model.state_dict(), STAGE2_FORMAT,
                                  segmenter_meta(cfg))
             save_stage2(last_path, model, cfg, {"epoch": epoch + 1, "step": step, "best_miou": best,
-                                                "optimizer": optimizer.state_dict(), "rng": rng_state()})
+                                                "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                                                "scaler": scaler.state_dict()})
         runtime.barrier()
     return best_path
 

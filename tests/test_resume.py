@@ -169,3 +169,18 @@ def test_same_seed_gives_byte_identical_predictions(tmp_path, data_root, stage2_
     assert file_bytes(again) and file_bytes(again) == file_bytes(first)
     assert_same_weights(stage2_straight / "demo" / "stage2" / "best.pth",
                         tmp_path / "again" / "demo" / "stage2" / "best.pth", exact=True)
+
+
+def test_resume_continues_loss_scaling_where_it_stopped(tmp_path, data_root, monkeypatch):
+    """fp16 loss scaling, played on the CPU: the scale doubles after every good step and must survive --resume."""
+    from utils.runtime import Runtime
+    monkeypatch.setattr(Runtime, "grad_scaler",
+                        lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
+    argv = run_args(tmp_path, data_root, "scaled")
+    last = tmp_path / "scaled" / "demo" / "stage2" / "last.pth"
+    assert load_script("2_train_stage2").main(argv + ["--set", "stage2.epochs=1"]) == 0
+    first = torch.load(last, weights_only=True)
+    assert first["scaler"]["scale"] == 2.0 ** (10 + first["step"])
+    assert load_script("2_train_stage2").main(argv + ["--resume"]) == 0
+    second = torch.load(last, weights_only=True)
+    assert second["epoch"] == 2 and second["scaler"]["scale"] == 2.0 ** (10 + second["step"])

@@ -103,6 +103,12 @@ class CsvLog:
         self.rows = self.rows[:epochs]
 
 
+def restore_scaler(scaler, state):
+    """fp16 loss scaling goes on at the scale it had reached; files from bf16 or fp32 runs hold none."""
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
 def rng_state():
     """Every random generator a run uses, in a form that loads with weights_only=True."""
     import random
