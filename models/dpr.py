@@ -3,111 +3,24 @@
 A timm encoder cut at output stride 8, a pyramid-pooling main path whose class logits pass through a
 refinement attention, and a light auxiliary path on the same encoder features.
 """
-import functools
-from pathlib import Path
-
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import FeatureInfo
+
+from models.timm_encoder import encoder_feature_info, load_encoder_weights
 
 PYRAMID_BINS = (1, 2, 3, 6)
 
 
-@functools.lru_cache(maxsize=None)
-def _encoder_feature_info(encoder_name):
-    if not timm.is_model(encoder_name):
-        raise ValueError(f"unknown timm encoder '{encoder_name}'; pick a name from timm.list_models().")
-    # Built on the meta device: only the layer description is needed, not memory or weights.
-    with torch.device("meta"):
-        model = timm.create_model(encoder_name, pretrained=False)
-    info = getattr(model, "feature_info", None)
-    if not isinstance(info, (list, FeatureInfo)):
-        raise ValueError(f"timm encoder '{encoder_name}' does not expose feature maps; pick a convolutional one.")
-    if isinstance(info, list):
-        info = FeatureInfo(info, out_indices=tuple(range(len(info))))
-    return info, model
-
-
 def stride8_out_indices(encoder_name):
     """(index,) of the deepest encoder feature whose reduction is at most 8."""
-    info, _ = _encoder_feature_info(encoder_name)
+    info, _ = encoder_feature_info(encoder_name)
     fine = [i for i, reduction in enumerate(info.reduction()) if reduction <= 8]
     if not fine:
         raise ValueError(f"timm encoder '{encoder_name}' has no feature map at stride 8 or finer; "
                          f"pick a convolutional encoder such as a ResNet or ResNeSt.")
     return (fine[-1],)
-
-
-def _read_state_dict(path):
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"encoder weight file {path} does not exist; fix the path or use pretrained: false.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickled objects, truncated or foreign files
-        detail = str(error).splitlines()[0][:160] if str(error) else "no detail"
-        raise ValueError(f"encoder weight file {path} cannot be read as plain weights "
-                         f"({type(error).__name__}: {detail}).") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"encoder weight file {path} holds no state dict of tensors.")
-    # Weights saved from a DistributedDataParallel wrapper carry this prefix.
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _source_key_candidates(encoder_key):
-    """timm's feature wrapper renames `stages.0` to `stages_0`; list the names a saved full model may use."""
-    head, dot, rest = encoder_key.partition(".")
-    names = [encoder_key]
-    for i, char in enumerate(head):
-        if char == "_":
-            names.append(head[:i] + "." + head[i + 1:] + dot + rest)
-    return names
-
-
-def _summarise(names, limit=8):
-    names = sorted(names)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def load_encoder_weights(encoder, encoder_name, path):
-    """Copy a local weight file into the truncated encoder; keys of the dropped deeper stages are allowed."""
-    state = _read_state_dict(path)
-    _, full_model = _encoder_feature_info(encoder_name)
-    architecture_keys = set(full_model.state_dict())
-    target = encoder.state_dict()
-    loaded, used, missing, wrong_shape = {}, set(), [], []
-    for key, tensor in target.items():
-        source = next((name for name in _source_key_candidates(key) if name in state), None)
-        if source is None:
-            if not key.endswith("num_batches_tracked"):  # absent from older files, carries no weight
-                missing.append(key)
-            continue
-        used.add(source)
-        if state[source].shape != tensor.shape:
-            wrong_shape.append(f"{source} {tuple(state[source].shape)} vs {tuple(tensor.shape)}")
-            continue
-        loaded[key] = state[source]
-    unexpected = [k for k in state if k not in used and k not in architecture_keys]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_summarise(unexpected)}")
-    if wrong_shape:
-        problems.append(f"wrong shapes: {_summarise(wrong_shape)}")
-    if problems:
-        raise ValueError(f"encoder weight file {path} does not fit timm encoder '{encoder_name}' "
-                         f"({'; '.join(problems)}).")
-    encoder.load_state_dict(loaded, strict=False)
 
 
 def conv_bn_relu(in_channels, out_channels, kernel_size):

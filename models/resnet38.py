@@ -13,12 +13,12 @@ Layout (channels in -> mid -> out, stride, dilation):
     b7                bottleneck 2048 -> 1024/2048 -> 4096, dilation 4, dropout 0.5
     bn7               BatchNorm 4096
 """
-import pickle
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.checkpoint import describe_misfit, read_weight_file
 
 # Keys of the ImageNet classifier layer; the segmentation pipeline has its own heads.
 CLASSIFIER_PREFIXES = ("fc8.", "linear1000.", "fc.")
@@ -148,12 +148,6 @@ class ResNet38(nn.Module):
         return f45, f52, self.finish(x6)
 
 
-def _first(keys, count=5):
-    keys = sorted(keys)
-    shown = ", ".join(keys[:count])
-    return shown + (f" (+{len(keys) - count} more)" if len(keys) > count else "")
-
-
 def load_resnet38_weights(model, path):
     """Load a ResNet-38 weight file into `model`, checking every key and shape.
 
@@ -167,25 +161,7 @@ def load_resnet38_weights(model, path):
     if not path.is_file():
         raise FileNotFoundError(f"ResNet-38 weight file {path} does not exist; "
                                 f"download ilsvrc-cls_rna-a1_cls1000_ep-0001.pth there or fix the path.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"ResNet-38 weight file {path} holds objects that are not plain weights "
-                         f"and was refused by safe loading.") from None
-    except Exception as error:
-        raise ValueError(f"ResNet-38 weight file {path} is not a readable PyTorch file "
-                         f"({type(error).__name__}).") from None
-
-    state = payload
-    if isinstance(payload, dict):
-        for wrapper_key in ("state_dict", "model"):
-            if isinstance(payload.get(wrapper_key), dict):
-                state = payload[wrapper_key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"ResNet-38 weight file {path} does not hold a state dict of tensors.")
-    if state and all(key.startswith("module.") for key in state):  # saved from a DataParallel wrapper
-        state = {key[len("module."):]: value for key, value in state.items()}
+    state = read_weight_file(path, "ResNet-38 weight file")
 
     expected = model.state_dict()
     skipped = sorted(key for key in state if key.startswith(CLASSIFIER_PREFIXES))
@@ -197,15 +173,9 @@ def load_resnet38_weights(model, path):
     wrong_shape = [f"{key} {tuple(value.shape)} vs {tuple(expected[key].shape)}"
                    for key, value in provided.items()
                    if key in expected and value.shape != expected[key].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_first(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_first(unexpected)}")
-    if wrong_shape:
-        problems.append(f"wrong shapes (file vs model): {_first(wrong_shape)}")
-    if problems:
-        raise ValueError(f"ResNet-38 weight file {path} does not match the network; " + "; ".join(problems) + ".")
+    misfit = describe_misfit(missing, unexpected, wrong_shape)
+    if misfit:
+        raise ValueError(f"ResNet-38 weight file {path} does not match the network; {misfit}.")
 
     # Counters absent from the file keep the model's values, so the strict load below still checks all keys.
     merged = dict(expected)

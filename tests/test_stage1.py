@@ -38,3 +38,23 @@ def test_stage1_end_to_end_on_tiny_demo(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
     assert stage1.main(tiny_demo_args(tmp_path) + ["--masks-only"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == before
+
+
+def test_timm_backbone_loads_a_local_weight_file_and_names_a_wrong_one(tmp_path):
+    import pytest
+    import timm
+    import torch
+    from models.classifier import build_backbone
+
+    # A full timm checkpoint, saved from a DataParallel wrapper: its classifier is skipped, the rest must fit.
+    full = timm.create_model("resnet10t", pretrained=False).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in full.items()}}, tmp_path / "resnet10t.pth")
+    backbone = build_backbone("resnet10t", str(tmp_path / "resnet10t.pth"), (1, 2, 3), 8)
+    for name, tensor in backbone.net.state_dict().items():
+        assert torch.equal(tensor, full[name]), name
+
+    del full["layer2.0.conv1.weight"]
+    torch.save(full, tmp_path / "damaged.pth")
+    with pytest.raises(ValueError) as error:
+        build_backbone("resnet10t", str(tmp_path / "damaged.pth"), (1, 2, 3), 8)
+    assert "damaged.pth" in str(error.value) and "layer2.0.conv1.weight" in str(error.value)

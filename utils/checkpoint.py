@@ -33,6 +33,57 @@ def _unpickling_reason(error):
     return lines[0][:160] if lines else "an object that is not a tensor"
 
 
+def _looks_like_torch_file(path):
+    """torch's zip format, or its legacy pickle format: other bytes are not worth unpickling."""
+    with open(path, "rb") as handle:
+        return handle.read(4).startswith((b"PK\x03\x04", b"\x80"))
+
+
+def read_weight_file(path, what):
+    """{name: tensor} from a weight file (.pth loaded weights-only, or .safetensors).
+
+    A state dict wrapped under "state_dict" or "model" is unwrapped, and the "module." prefix of weights
+    saved from a DataParallel wrapper is removed. `what` names the file in errors ("encoder weight file").
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        elif not _looks_like_torch_file(path):
+            raise ValueError("not a PyTorch file")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{what} {path} holds objects that are not plain weights and was refused "
+                         f"({_unpickling_reason(error)}).") from None
+    except Exception as error:  # truncated, empty or foreign files
+        detail = str(error).splitlines()[0][:160] if str(error) else "no detail"
+        raise ValueError(f"{what} {path} cannot be read as plain weights ({type(error).__name__}: {detail}).") from None
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what} {path} holds no state dict of tensors.")
+    if all(key.startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    return state
+
+
+def describe_misfit(missing=(), unexpected=(), wrong_shape=(), shown=6):
+    """'missing keys: a, b; wrong shapes: ...' for a weight file that does not fit; '' when it fits."""
+    def some(names):
+        names = sorted(names)
+        return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+    parts = [f"{label}: {some(names)}" for label, names in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes (file vs model)", wrong_shape))
+             if names]
+    return "; ".join(parts)
+
+
 def load_checkpoint(path, expected_format=None):
     """Load a .pth written by this project; refuse anything else with one sentence."""
     path = Path(path)
@@ -40,9 +91,7 @@ def load_checkpoint(path, expected_format=None):
         raise CheckpointError(f"checkpoint {path} does not exist.")
     if path.suffix == ".safetensors":
         return load_safetensors(path, expected_format)
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or its legacy pickle format
+    if not _looks_like_torch_file(path):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (the file is empty or of another kind).")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
