@@ -133,8 +133,8 @@ class GraphStepTest(unittest.TestCase):
                     torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance, msg=name)
 
     def test_replayed_forward_matches_eager_forward_and_its_results_can_be_kept(self):
-        model = small_segmenter().cuda().eval().to(memory_format=torch.channels_last)
         eager_runtime, graph_runtime = self.runtimes(torch.bfloat16)
+        model = small_segmenter().to(graph_runtime.device).eval().to(memory_format=torch.channels_last)
         forward = GraphedForward(model, graph_runtime)
         sizes = [4, 4, 4, 4, 2, 4, 4]  # warm-up, capture, replay, an eager short batch, replays
         kept = []

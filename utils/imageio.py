@@ -53,15 +53,17 @@ def _read_rgb_png_fast(path):
     None for anything else (other formats, grey, palette, alpha, 16-bit, damaged files): PIL reads those.
     """
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as handle:  # the header first: other files are not read twice
+            header = handle.read(33)
+            # IHDR follows the signature: width, height, then bit depth and colour type (2 is RGB)
+            if (len(header) < 33 or header[:8] != PNG_SIGNATURE or header[12:16] != b"IHDR"
+                    or header[24:26] != b"\x08\x02"):
+                return None
+            width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+            if width * height > FAST_PNG_MAX_PIXELS:
+                return None
+            data = np.frombuffer(header + handle.read(), dtype=np.uint8)
     except OSError:
-        return None
-    header = data[:33].tobytes()
-    # IHDR follows the signature: width, height, then bit depth and colour type (2 is RGB)
-    if len(header) < 33 or header[:8] != PNG_SIGNATURE or header[12:16] != b"IHDR" or header[24:26] != b"\x08\x02":
-        return None
-    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
-    if width * height > FAST_PNG_MAX_PIXELS:
         return None
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from utils.files import atomic_path, write_text
-from utils.imageio import IGNORE_INDEX, DataError, decode_mask, list_images, palette_image, read_mask_raw, read_rgb
+from utils.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, palette_image,
+                           read_mask_raw, read_rgb)
 
 GLAS_MASK_SUFFIX = "_anno"
 GLAS_TRAIN_PREFIX = "train_"
@@ -84,14 +85,6 @@ def label_string(mask, num_classes, min_fraction):
 
 
 # ------------------------------------------------------------------------------------------ raw files
-def _image_size(path):
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot be read as an image ({error}); replace or remove the file.") from None
-
-
 def _pairs_in(folder, mask_suffix, prefixes=None):
     """Images of a folder (optionally only names starting with one of prefixes) with their masks."""
     images, masks = {}, {}
@@ -171,7 +164,7 @@ def find_raw_pairs(cfg, raw_dir):
 def _read_class_mask(pair, cfg):
     encoding = "instance" if cfg.prepare.mode == "glas" else cfg.prepare.raw_mask_encoding
     mask = decode_mask(read_mask_raw(pair.mask), encoding, len(cfg.data.classes), pair.mask)
-    width, height = _image_size(pair.image)
+    width, height = image_size(pair.image)
     if mask.shape != (height, width):
         raise DataError(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {pair.image.name} "
                         f"is {width}x{height}; masks must match their images.")
