@@ -3,8 +3,8 @@ multi-layer class activation maps into pseudo-masks on disk.
 
     python 1_train_stage1.py --config configs/glas.yaml [--set stage1.epochs=3] [--resume]
 
-Writes runs/<name>/stage1/{config.yaml, checkpoint.pth, log.csv, metrics.json, samples.png} and one
-pseudo-mask per training image into data.pseudo_mask_dir.
+Writes runs/<name>/stage1/{config.yaml, checkpoint.pth, log.csv, metrics.json, run.json, samples.png} and
+one pseudo-mask per training image into data.pseudo_mask_dir.
 """
 import sys
 import time
@@ -17,16 +17,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.classifier import Stage1Classifier, build_backbone
-from utils.cam import cams_to_masks, heatmap_of, multi_layer_cam
+from utils.cam import cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
-from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir
+from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir
 from utils.cuda_graphs import TrainStep
-from utils.data import ClassificationSet, load_pair, split_items, train_items, training_loader
+from utils.data import (ClassificationSet, check_split_masks, load_pair, split_items, test_splits, train_items,
+                        training_loader)
 from utils.files import BackgroundWriter, write_json
 from utils.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png
 from utils.metrics import confusion_matrix, scores
-from utils.postprocess import class_indices, fill_holes
+from utils.postprocess import class_indices, describe, fill_holes
+from utils.provenance import RUN_RECORD, StepTimer
 from utils.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
 from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
@@ -200,7 +202,8 @@ class TileSet(torch.utils.data.Dataset):
 
 
 def pseudo_mask_confusion(mask, truth, num_classes):
-    """Pixels a pseudo-mask leaves unlabelled (ignore) are not scored; stage 2 does not learn from them."""
+    """Training pseudo-masks as stage 2 learns from them: pixels a pseudo-mask leaves unlabelled (ignore)
+    are not scored, since stage 2 does not learn from them. (Whole val/test images count every pixel.)"""
     return confusion_matrix(mask, np.where(mask == IGNORE_INDEX, IGNORE_INDEX, truth), num_classes)
 
 
@@ -239,9 +242,10 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
                                               else images.shape[-2:], s1.cam_weights, s1.cam_scales, s1.cam_flip)
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage1.cam_batch_size")) from None
-            masks = cams_to_masks(cams, labels)
-            heat = heatmap_of(cams, labels)
-            fill = class_indices(classes, cfg.data.fill_holes)
+            background = background_index(classes, cfg.data.background)
+            masks = cams_to_masks(cams, labels, background)
+            heat = heatmap_of(cams, labels, background)
+            fill = class_indices(classes, s1.pseudo_mask_fill_holes)
             masks, heat = masks.cpu().numpy(), heat.cpu().numpy()
             for row, index in enumerate(indices.tolist()):
                 item, mask = items[index], masks[row]
@@ -278,9 +282,15 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
 
 @torch.no_grad()
 def score_whole_images(cfg, model, split_list, runtime, scale):
-    """Pseudo-mask quality on whole val/test images, labels predicted by the classifier (threshold)."""
-    s1, num_classes = cfg.stage1, len(cfg.data.classes)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    """CAM masks of whole val/test images, labels predicted by the classifier (threshold), scored on every
+    labelled pixel: a pixel no class claims is background, or a miss where there is no background class.
+
+    Returns the confusion matrices (C x (C + 1)) without and with post-processing (None when none is set).
+    """
+    s1, classes = cfg.stage1, cfg.data.classes
+    num_classes, background = len(classes), background_index(classes, cfg.data.background)
+    fill = class_indices(classes, cfg.postprocess.fill_holes)
+    confusion = np.zeros((2, num_classes, num_classes + 1), dtype=np.int64)
     model.eval()
     for item in tqdm(runtime.shard(split_list), desc="scoring CAMs", disable=not runtime.is_main, leave=False):
         image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
@@ -289,10 +299,12 @@ def score_whole_images(cfg, model, split_list, runtime, scale):
             cams, probabilities = multi_layer_cam(model, tensor, truth.shape, s1.cam_weights, s1.cam_scales,
                                                   s1.cam_flip)
         labels = (probabilities > s1.label_threshold).float()
-        mask = fill_holes(cams_to_masks(cams, labels)[0].cpu().numpy(),
-                          class_indices(cfg.data.classes, cfg.data.fill_holes))
-        confusion += pseudo_mask_confusion(mask, truth, num_classes)
-    return runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+        mask = claim_unclaimed(cams_to_masks(cams, labels, background), background)[0].cpu().numpy()
+        confusion[0] += confusion_matrix(mask, truth, num_classes, count_unclaimed=True)
+        if fill:
+            confusion[1] += confusion_matrix(fill_holes(mask, fill), truth, num_classes, count_unclaimed=True)
+    confusion = runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+    return confusion[0], (confusion[1] if fill else None)
 
 
 def save_samples(path, samples, cfg):
@@ -314,16 +326,22 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="rewrite pseudo-masks that already exist")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    timer = StepTimer("stage1")
     runtime = setup_runtime(cfg)
     out_dir = start_run(cfg, runtime, "stage1")
     num_classes = len(cfg.data.classes)
     items = train_items(cfg.data.root, num_classes)
-    val_items = split_items(cfg.data.root, "val", required=False)
-    test_items = split_items(cfg.data.root, "test", required=False)
+    held_out = {"val": split_items(cfg.data.root, "val", required=False)}
+    tests, missing = test_splits(cfg.data.root, cfg.data.test_splits)
+    held_out.update(tests)
+    for split, split_list in held_out.items():
+        check_split_masks(split_list, cfg.data.mask_encoding, num_classes, split)
     if runtime.is_main:
         present = np.stack([item.label for item in items]).sum(0).astype(int).tolist()
         print(f"stage 1 on {len(items)} training images ({', '.join(f'{c}: {n}' for c, n in zip(cfg.data.classes, present))}); "
               f"device {runtime.device}, {runtime.world_size} process(es)")
+        for split in missing:
+            print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 
     model = build_classifier(cfg)
     checkpoint_path = out_dir / "checkpoint.pth"
@@ -336,21 +354,35 @@ def main(argv=None):
     checkpoint_sha = file_sha256(checkpoint_path)
 
     confusion, samples, skipped = write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, args.overwrite)
-    metrics = {}
+    metrics, postprocessed = {}, {}
     if any(item.mask is not None for item in items):
         metrics["train"] = scores(confusion)
     tile_size = read_rgb(items[0].image).shape[0]
     scale = cfg.stage1.image_size / tile_size  # whole images are seen at the zoom the classifier trained at
-    for split, split_list in (("val", val_items), ("test", test_items)):
+    for split, split_list in held_out.items():
         if split_list:
-            metrics[split] = scores(score_whole_images(cfg, model, split_list, runtime, scale))
+            raw, cleaned = score_whole_images(cfg, model, split_list, runtime, scale)
+            metrics[split] = scores(raw)
+            if cleaned is not None:
+                postprocessed[split] = scores(cleaned)
+    steps = describe(cfg.data.classes, class_indices(cfg.data.classes, cfg.postprocess.fill_holes))
+    if postprocessed:
+        metrics["postprocessed"] = {"steps": steps, **postprocessed}
+    metrics["images"] = {split: [item.stem for item in split_list] for split, split_list in held_out.items()
+                         if split_list}
     if runtime.is_main:
         write_json(out_dir / "metrics.json", metrics)
         save_samples(out_dir / "samples.png", samples, cfg)
-        for split, values in metrics.items():
-            print(f"pseudo-masks on {split}: mIoU {values['miou']:.4f}, Dice {values['mdice']:.4f}")
+        for split in [s for s in metrics if s in held_out or s == "train"]:
+            line = f"pseudo-masks on {split}: mIoU {metrics[split]['miou']:.4f}, Dice {metrics[split]['mdice']:.4f}"
+            if split in postprocessed:
+                line += (f"; with {steps}: mIoU {postprocessed[split]['miou']:.4f}, "
+                         f"Dice {postprocessed[split]['mdice']:.4f}")
+            print(line)
         print(f"pseudo-masks written to {pseudo_mask_dir(cfg)}" + (f" ({skipped} kept from before)" if skipped else ""))
-        print(f"stage 1 outputs in {out_dir}")
+        write_json(out_dir / RUN_RECORD, timer.record(runtime.device, runtime.world_size,
+                                                       resumed=bool(args.resume), masks_only=bool(args.masks_only)))
+        print(f"stage 1 outputs in {out_dir} ({timer.seconds / 60:.1f} min)")
     cleanup(runtime)
     return 0
 

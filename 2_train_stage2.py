@@ -3,8 +3,10 @@ the best epoch by validation mIoU, and score it on the test set.
 
     python 2_train_stage2.py --config configs/glas.yaml [--set stage2.epochs=3] [--resume]
 
-Writes runs/<name>/stage2/{config.yaml, best.pth, best.safetensors, last.pth, log.csv, metrics.json,
-predictions/, overlays/}.
+Writes runs/<name>/stage2/{config.yaml, best.pth, best.safetensors, last.pth, log.csv, metrics.json, run.json,
+predictions/<split>/, overlays/<split>/, test_samples.png}. Every figure is computed without post-processing,
+and again with the YAML's `postprocess` steps when there are any; the best epoch is chosen on the
+validation mIoU without post-processing.
 """
 import sys
 import time
@@ -16,15 +18,17 @@ from tqdm import tqdm
 from models.dpr import DPR
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from utils.cli import run_main
-from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir
+from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir, run_dir
 from utils.cuda_graphs import TrainStep
-from utils.data import SegmentationSet, load_pair, split_items, train_items, training_loader
+from utils.data import (SegmentationSet, check_split_masks, load_pair, median_image_size, split_items, test_splits,
+                        train_items, training_loader)
 from utils.files import BackgroundWriter, write_json
 from utils.imageio import DataError, colorize, overlay, read_mask, write_palette_png, write_rgb
 from utils.losses import IICBLoss
 from utils.metrics import confusion_matrix, scores
-from utils.postprocess import class_indices
+from utils.postprocess import class_indices, describe, fill_holes
 from utils.predict import predict_mask, segmenter_meta
+from utils.provenance import RUN_RECORD, StepTimer
 from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
 from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, restore_scaler,
@@ -76,39 +80,47 @@ def build_segmenter(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, items, cfg, runtime, save_dir=None):
-    """Confusion matrix over whole images (this rank's share, summed over ranks), at original resolution."""
+def evaluate(model, items, cfg, runtime, save_dirs=None, postprocess=False):
+    """Confusion matrices over whole images (this rank's share, summed over ranks), at original resolution:
+    (without post-processing, with it or None). save_dirs: (predictions, overlays) folders, where the
+    predictions are saved without post-processing."""
     s2, num_classes = cfg.stage2, len(cfg.data.classes)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    fill = class_indices(cfg.data.classes, cfg.postprocess.fill_holes) if postprocess else []
+    background = background_index(cfg.data.classes, cfg.data.background)
+    confusion = np.zeros((2, num_classes, num_classes), dtype=np.int64)
     model.eval()
     with BackgroundWriter() as writer:
         for item in tqdm(runtime.shard(items), desc="evaluating", leave=False, disable=not runtime.is_main):
             image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
             try:
                 mask = predict_mask(model, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
-                                    cfg.data.mean, cfg.data.std, num_classes,
-                                    class_indices(cfg.data.classes, cfg.data.fill_holes))
+                                    cfg.data.mean, cfg.data.std, num_classes)
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage2.eval_batch_size")) from None
-            confusion += confusion_matrix(mask, truth, num_classes)
-            if save_dir is not None:
-                writer.submit(write_palette_png, save_dir / "predictions" / f"{item.stem}.png", mask, cfg.data.palette)
-                writer.submit(write_overlay, save_dir / "overlays" / f"{item.stem}.png", image, mask, cfg.data.palette)
-    return runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+            confusion[0] += confusion_matrix(mask, truth, num_classes)
+            if fill:
+                confusion[1] += confusion_matrix(fill_holes(mask, fill), truth, num_classes)
+            if save_dirs is not None:
+                writer.submit(write_palette_png, save_dirs[0] / f"{item.stem}.png", mask, cfg.data.palette)
+                writer.submit(write_overlay, save_dirs[1] / f"{item.stem}.png", image, mask, cfg.data.palette,
+                              background)
+    confusion = runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+    return confusion[0], (confusion[1] if fill else None)
 
 
-def write_overlay(path, image, mask, palette):
-    write_rgb(path, overlay(image, mask, palette))
+def write_overlay(path, image, mask, palette, background):
+    write_rgb(path, overlay(image, mask, palette, background))
 
 
-def save_test_sheet(path, items, cfg, count=4):
+def save_test_sheet(path, items, predictions, cfg, count=4):
     """Test images beside their ground truth and prediction: the picture for a results table."""
     rows = []
+    background = background_index(cfg.data.classes, cfg.data.background)
     for item in items[:count]:
         image, truth = load_pair(item, cfg.data.mask_encoding, len(cfg.data.classes))
-        predicted = read_mask(path.parent / "predictions" / f"{item.stem}.png", "index", len(cfg.data.classes))
+        predicted = read_mask(predictions / f"{item.stem}.png", "index", len(cfg.data.classes))
         rows.append([image, colorize(truth, cfg.data.palette), colorize(predicted, cfg.data.palette),
-                     overlay(image, predicted, cfg.data.palette)])
+                     overlay(image, predicted, cfg.data.palette, background)])
     contact_sheet(path, rows, ["image", "ground truth", "prediction", "overlay"], cell=220)
 
 
@@ -129,6 +141,16 @@ def segmenter_train_step(trainer, model, criterion, aux_weight, runtime, scaler=
     return TrainStep(forward_loss, model.parameters(), runtime, scaler)
 
 
+def check_crop_size(crop_size, images):
+    """A crop larger than the training images would be mostly padding, which the uncertainty and smoothness
+    terms and BatchNorm would all learn from; stage 2 trains on the images at their own size."""
+    width, height = median_image_size(images)
+    if crop_size > min(width, height):
+        raise ConfigError(f"stage2.crop_size={crop_size} is larger than the training images ({width}x{height} px "
+                          f"for most of them, the prepare.patch_size they were cut at); set stage2.crop_size to "
+                          f"at most {min(width, height)}.")
+
+
 def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     s2 = cfg.stage2
     if s2.batch_size % runtime.world_size:
@@ -136,6 +158,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
                             "processes; choose a multiple of the process count.")
     per_rank_batch = s2.batch_size // runtime.world_size
     images, masks, encoding = training_pairs(cfg)
+    check_crop_size(s2.crop_size, images)
     dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
                               len(cfg.data.classes), augment=True, seed=cfg.seed)
     loader = training_loader(dataset, per_rank_batch, runtime, cfg.seed)
@@ -151,7 +174,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     optimizer = sgd(model.parameters(), s2.lr, s2.momentum, s2.weight_decay)
     for group in optimizer.param_groups:
         group["initial_lr"] = s2.lr
-    criterion = IICBLoss(**s2.iicb)
+    criterion = IICBLoss(**s2.iicb, background=background_index(cfg.data.classes, cfg.data.background))
     total_steps = max(1, s2.epochs * len(loader))
     log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "val_miou", "val_mdice", "lr", "seconds"],
                  keep_existing=resume)
@@ -205,7 +228,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) the same BatchNorm statistics
         loss_sum, seen = runtime.all_reduce_sum(
             torch.tensor([loss_sum, seen], dtype=torch.float64, device=runtime.device)).tolist()
-        values = scores(evaluate(model, val_items, cfg, runtime))
+        values = scores(evaluate(model, val_items, cfg, runtime)[0])
         improved = values["miou"] > best
         best = max(best, values["miou"])
         row = {"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5), "val_miou": round(values["miou"], 5),
@@ -231,24 +254,50 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue training from last.pth")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    timer = StepTimer("stage2")
     runtime = setup_runtime(cfg)
     out_dir = start_run(cfg, runtime, "stage2")
-    val_items = split_items(cfg.data.root, "val")
-    test_items = split_items(cfg.data.root, "test", required=False)
+    num_classes = len(cfg.data.classes)
+    held_out = {"val": split_items(cfg.data.root, "val")}
+    tests, missing = test_splits(cfg.data.root, cfg.data.test_splits)
+    held_out.update(tests)
+    for split, items in held_out.items():
+        check_split_masks(items, cfg.data.mask_encoding, num_classes, split)
+    if runtime.is_main:
+        for split in missing:
+            print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 
     model = build_segmenter(cfg)
-    best_path = train_segmenter(cfg, model, runtime, out_dir, val_items, args.resume)
-    model.load_state_dict(load_checkpoint(best_path, STAGE2_FORMAT)["model"])
-    metrics = {"val": scores(evaluate(model, val_items, cfg, runtime))}
-    if test_items:
-        metrics["test"] = scores(evaluate(model, test_items, cfg, runtime, save_dir=out_dir))
-        if runtime.is_main:
-            save_test_sheet(out_dir / "test_samples.png", test_items, cfg)
+    best_path = train_segmenter(cfg, model, runtime, out_dir, held_out["val"], args.resume)
+    best = load_checkpoint(best_path, STAGE2_FORMAT)
+    model.load_state_dict(best["model"])
+    metrics, postprocessed = {}, {}
+    for split, items in held_out.items():
+        save_dirs = None if split == "val" else (out_dir / "predictions" / split, out_dir / "overlays" / split)
+        raw, cleaned = evaluate(model, items, cfg, runtime, save_dirs, postprocess=True)
+        metrics[split] = scores(raw)
+        if cleaned is not None:
+            postprocessed[split] = scores(cleaned)
+    steps = describe(cfg.data.classes, class_indices(cfg.data.classes, cfg.postprocess.fill_holes))
+    if postprocessed:
+        metrics["postprocessed"] = {"steps": steps, **postprocessed}
+    metrics["images"] = {split: [item.stem for item in items] for split, items in held_out.items()}
+    metrics["best_epoch"] = best.get("epoch")
+    metrics["selected_by"] = "validation mIoU without post-processing"
     if runtime.is_main:
+        first_test = next(iter(tests), None)
+        if first_test is not None:
+            save_test_sheet(out_dir / "test_samples.png", tests[first_test], out_dir / "predictions" / first_test,
+                            cfg)
         write_json(out_dir / "metrics.json", metrics)
-        for split, values in metrics.items():
-            print(f"stage 2 on {split}: mIoU {values['miou']:.4f}, Dice {values['mdice']:.4f}")
-        print(f"stage 2 outputs in {out_dir}")
+        for split in held_out:
+            line = f"stage 2 on {split}: mIoU {metrics[split]['miou']:.4f}, Dice {metrics[split]['mdice']:.4f}"
+            if split in postprocessed:
+                line += (f"; with {steps}: mIoU {postprocessed[split]['miou']:.4f}, "
+                         f"Dice {postprocessed[split]['mdice']:.4f}")
+            print(line)
+        write_json(out_dir / RUN_RECORD, timer.record(runtime.device, runtime.world_size, resumed=bool(args.resume)))
+        print(f"stage 2 outputs in {out_dir} ({timer.seconds / 60:.1f} min)")
     cleanup(runtime)
     return 0
 

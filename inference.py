@@ -5,6 +5,8 @@
 Writes <stem>_mask.png (class indices, palette colours) and <stem>_overlay.png per image; slides get a
 mask at --downsample, an overlay .jpg on the thumbnail and <stem>.geojson (QuPath annotations, level-0
 pixels). summary.csv has one row per input. Under torchrun each process takes its share of the inputs.
+Masks are the network's own unless --postprocess applies the checkpoint's post-processing. With --masks
+every image is also scored against its labelled mask: per image in summary.csv, over all in metrics.json.
 """
 import argparse
 import csv
@@ -26,11 +28,12 @@ from tqdm import tqdm
 
 from utils.config import ConfigError, load_config
 from utils.cuda_graphs import GraphedForward
-from utils.files import atomic_path, write_text
+from utils.files import atomic_path, write_json, write_text
 from utils.imageio import IMAGE_SUFFIXES, DataError, overlay, read_rgb, write_palette_png, write_rgb
-from utils.postprocess import fill_holes
+from utils.postprocess import describe, fill_holes, fill_holes_with_probabilities
 from utils.predict import load_segmenter, predict_logits
 from utils.runtime import cleanup, setup_runtime
+from utils.scoring import FolderScore, check_mask_sizes, choose_encoding, find_masks
 from utils.sliding_window import count_windows
 from utils.slide import SLIDE_ONLY_SUFFIXES, Slide, choose_resolution, is_slide, mask_to_geojson, segment_slide
 from utils.transforms import normalize_batch
@@ -57,6 +60,17 @@ def build_parser():
     where.add_argument("--level", type=int, help="slides: analyse this OpenSlide level (default: level 0)")
     parser.add_argument("--downsample", type=float, default=8.0,
                         help="slides: level-0 pixels per pixel of the saved mask (default: %(default)s)")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="apply the post-processing the model's data set defines (e.g. filling glands' "
+                             "holes); off by default, so masks are the network's own")
+    scoring = parser.add_argument_group("scoring against labelled masks")
+    scoring.add_argument("--masks", help="folder of masks named like the inputs: writes metrics.json and "
+                                         "per-image scores in summary.csv")
+    scoring.add_argument("--mask-suffix", default="", help="mask name ending after the image's stem, e.g. _anno")
+    scoring.add_argument("--mask-encoding", default="auto", choices=("auto", "index", "binary255", "instance"),
+                         help="how the masks store classes (default: read from their values)")
+    scoring.add_argument("--mask-downsample", type=float, default=1.0,
+                         help="the masks are this many times smaller than their images (default: 1)")
     return parser
 
 
@@ -71,6 +85,10 @@ def check_args(parser, args):
         parser.error(f"--mpp must be positive, got {args.mpp}.")
     if args.downsample < 1:
         parser.error(f"--downsample must be at least 1, got {args.downsample}.")
+    if args.mask_downsample < 1:
+        parser.error(f"--mask-downsample must be at least 1, got {args.mask_downsample}.")
+    if args.masks is None and (args.mask_suffix or args.mask_encoding != "auto" or args.mask_downsample != 1):
+        parser.error("--mask-suffix, --mask-encoding and --mask-downsample need --masks.")
 
 
 @dataclass
@@ -172,6 +190,7 @@ def _read_tiff(path):
         if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
             return None
         array = page.asarray()
+        bits = int(page.bitspersample or 0)
     if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
         array = np.moveaxis(array, 0, -1)  # planar storage
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -182,11 +201,12 @@ def _read_tiff(path):
         return None
     if array.dtype != np.uint8:
         values = array.astype(np.float64)
-        peak = float(values[..., :3].max()) if values.size else 0.0
-        if np.issubdtype(array.dtype, np.floating) and peak <= 1.0:
-            values *= 255.0
-        elif peak > 255:
-            values *= 255.0 / peak
+        if np.issubdtype(array.dtype, np.integer):
+            # by the bit depth (12 bits stored in 16 included), never by the content's own maximum
+            depth = bits if 0 < bits <= array.dtype.itemsize * 8 else array.dtype.itemsize * 8
+            values *= 255.0 / (2 ** depth - 1)
+        elif values.size and float(values[..., :3].max()) <= 1.0:
+            values *= 255.0  # floating-point images carry no bit depth: [0, 1] is scaled, [0, 255] kept
         array = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     if array.shape[-1] == 4:
         alpha = array[..., 3:].astype(np.float32) / 255.0
@@ -229,7 +249,11 @@ class Segmenter:
         self.window = int(args.window or meta["window"])
         self.overlap = float(meta["overlap"] if args.overlap is None else args.overlap)
         self.pending = {}  # (h, w) -> [(job, image, seconds so far)]
-        self.fill = list(meta.get("fill_holes", []))  # classes whose enclosed holes are filled
+        self.background = meta.get("background", 0)  # files from before the setting: class 0
+        # classes whose enclosed holes are filled, only when asked: the main output is the network's own
+        self.fill = list(meta.get("fill_holes", [])) if args.postprocess else []
+        self.steps = describe(self.classes, self.fill)
+        self.scorer, self.masks = None, {}  # set by use_masks
         # PNG encoding and writing run on worker threads while the device predicts the next batch
         self.writer = ThreadPoolExecutor(max_workers=IO_THREADS)
         self.writes = []  # (future, row): a failed write turns its row into an error row
@@ -247,7 +271,12 @@ class Segmenter:
 
     def columns(self):
         return (["file", "kind", "width", "height", "mask_downsample", "seconds", "tiles_predicted", "tiles_total"]
-                + [f"frac_{name}" for name in self.classes] + ["status"])
+                + [f"frac_{name}" for name in self.classes] + (self.scorer.columns() if self.scorer else [])
+                + ["status"])
+
+    def use_masks(self, scorer, masks):
+        """Score every image against its mask (job index -> path) as it is predicted."""
+        self.scorer, self.masks = scorer, masks
 
     def skipped_row(self, job):
         """A row for an input whose outputs exist: fractions from the saved mask, sizes from the input."""
@@ -292,12 +321,12 @@ class Segmenter:
         try:
             logits = predict_logits(self.model, image, self.runtime, self.window, self.overlap,
                                     self.args.batch_size, self.mean, self.std, len(self.classes))
-            mask, fractions, probs = self.decide(logits)
+            masks, raw, fractions, probs = self.decide(logits)
         except torch.OutOfMemoryError:
             return [self.error_row(job, "image", f"{job.path}: out of memory on {self.runtime.device}; "
                                    "lower --batch-size or use --device cpu.")]
-        return [self.finish_image(job, "image", image, mask[0], fractions[0], None if probs is None else probs[0],
-                                  start, time.perf_counter() - start)]
+        return [self.finish_image(job, "image", image, masks[0], raw[0], fractions[0],
+                                  None if probs is None else probs[0], start, time.perf_counter() - start)]
 
     def flush(self, key):
         group = self.pending.pop(key, [])
@@ -307,31 +336,36 @@ class Segmenter:
         try:
             logits = predict_tile_batch(self.forward, [image for _, image, _ in group], self.runtime,
                                         self.window, self.mean, self.std, self.args.batch_size)
-            masks, fractions, probs = self.decide(logits)
+            masks, raw, fractions, probs = self.decide(logits)
         except torch.OutOfMemoryError:
             return [self.error_row(job, "tile", f"{job.path}: out of memory on {self.runtime.device}; "
                                    "lower --batch-size.") for job, _, _ in group]
         share = (time.perf_counter() - start) / len(group)
-        return [self.finish_image(job, "tile", image, masks[i], fractions[i], None if probs is None else probs[i],
-                                  time.perf_counter(), read_seconds + share)
+        return [self.finish_image(job, "tile", image, masks[i], raw[i], fractions[i],
+                                  None if probs is None else probs[i], time.perf_counter(), read_seconds + share)
                 for i, (job, image, read_seconds) in enumerate(group)]
 
     def decide(self, logits):
-        """Class masks (argmax on the device, uint8 to the host), their class fractions and, with
-        --save-probs, probabilities."""
+        """Class masks (argmax on the device, uint8 to the host) after any post-processing, the masks before it,
+        their class fractions and, with --save-probs, probabilities that agree with the masks."""
         predicted = logits.argmax(dim=1)
         num_classes = len(self.classes)
+        raw = predicted.to(torch.uint8).cpu().numpy()
+        probs = list(torch.softmax(logits, dim=1).cpu().numpy()) if self.args.save_probs else None
         if self.fill:
-            masks = np.stack([fill_holes(m, self.fill) for m in predicted.to(torch.uint8).cpu().numpy()])
+            if probs is None:
+                masks = [fill_holes(m, self.fill) for m in raw]
+            else:
+                masks, probs = map(list, zip(*[fill_holes_with_probabilities(m, p, self.fill)
+                                               for m, p in zip(raw, probs)]))
             fractions = [class_fractions(m, num_classes) for m in masks]
         else:  # pixels per class counted on the device, in one pass for the whole batch
             offsets = torch.arange(len(predicted), device=predicted.device).view(-1, 1, 1) * num_classes
             counts = torch.bincount((predicted + offsets).flatten(), minlength=len(predicted) * num_classes)
-            masks = predicted.to(torch.uint8).cpu().numpy()
+            masks = raw
             counts = counts.view(-1, num_classes).cpu().numpy()
             fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        probs = list(torch.softmax(logits, dim=1).cpu().numpy()) if self.args.save_probs else None
-        return masks, fractions, probs
+        return masks, raw, fractions, probs
 
     def flush_all(self):
         rows = []
@@ -339,12 +373,14 @@ class Segmenter:
             rows += self.flush(key)
         return rows
 
-    def finish_image(self, job, kind, image, mask, fractions, probs, write_start, seconds):
+    def finish_image(self, job, kind, image, mask, raw, fractions, probs, write_start, seconds):
         paths = output_paths(job, self.classes, self.args.save_probs)
         height, width = mask.shape
         windows = count_windows(height, width, self.window, self.overlap)
         row = self.row(job, kind, "ok", width, height, seconds + time.perf_counter() - write_start,
                        fractions, 1, (windows, windows))
+        if self.scorer is not None:
+            row.update(self.scorer.add(self.masks[job.index], raw, mask if self.fill else None))
         self.writes.append((self.writer.submit(self.write_outputs, job, paths, image, mask, probs), row))
         return row
 
@@ -353,7 +389,7 @@ class Segmenter:
         try:
             if probs is not None:
                 write_probabilities(paths, probs, self.classes)
-            write_rgb(paths["overlay"], overlay(image, mask, self.palette))
+            write_rgb(paths["overlay"], overlay(image, mask, self.palette, self.background))
             write_palette_png(paths["mask"], mask, self.palette)  # last: its presence marks a finished input
         except OSError as error:
             return f"writing outputs for {job.path} failed ({error})."
@@ -389,11 +425,14 @@ class Segmenter:
 
                 try:
                     result = segment_slide(slide, predict, len(self.classes), self.window, self.overlap,
-                                           args.batch_size, resolution, args.downsample, progress)
+                                           args.batch_size, resolution, args.downsample, progress,
+                                           background=self.background)
                 finally:
                     bar.close()
                 dimensions = slide.dimensions
-                result.mask[...] = fill_holes(result.mask, self.fill)
+                # saved probabilities must agree with the saved mask, also where post-processing changed it
+                result.mask, result.probabilities = fill_holes_with_probabilities(result.mask, result.probabilities,
+                                                                                  self.fill)
         except (DataError, OSError, MemoryError) as error:
             return self.error_row(job, "slide", error)
         except torch.OutOfMemoryError:
@@ -403,10 +442,11 @@ class Segmenter:
         try:
             thumb_mask = np.asarray(Image.fromarray(result.mask).resize(
                 (result.thumbnail.shape[1], result.thumbnail.shape[0]), Image.NEAREST))
-            write_rgb(paths["overlay"], overlay(result.thumbnail, thumb_mask, self.palette))
+            write_rgb(paths["overlay"], overlay(result.thumbnail, thumb_mask, self.palette, self.background))
             if args.save_probs:
                 write_probabilities(paths, result.probabilities, self.classes)
-            geojson = mask_to_geojson(result.mask, self.classes, self.palette, result.mask_downsample, dimensions)
+            geojson = mask_to_geojson(result.mask, self.classes, self.palette, result.mask_downsample, dimensions,
+                                      background=self.background)
             write_text(paths["geojson"], _compact_json(geojson))
             write_palette_png(paths["mask"], result.mask, self.palette)
         except OSError as error:
@@ -444,6 +484,33 @@ def merge_rank_summaries(output_dir, world_size, columns, order, poll_seconds=2.
     return rows
 
 
+def merge_rank_confusions(output_dir, world_size, scorer):
+    """Rank 0: add the other ranks' confusion matrices (their files exist once their summaries do)."""
+    for rank in range(1, world_size):
+        part = output_dir / f"confusion.rank{rank}.json"
+        for key, value in json.loads(part.read_text()).items():
+            scorer.confusion[key] += np.asarray(value, dtype=np.int64)
+        part.unlink()
+    (output_dir / "confusion.rank0.json").unlink(missing_ok=True)
+
+
+def write_score(output_dir, segmenter, rows, args):
+    """metrics.json over every scored image, printed as well."""
+    scored = [r["file"] for r in rows if r["status"] == "ok"]
+    if not scored:
+        print("no image could be scored; see the errors below", file=sys.stderr)
+        return
+    metrics = segmenter.scorer.metrics(segmenter.steps)
+    metrics.update(images=scored, checkpoint=str(args.checkpoint), masks=str(args.masks),
+                   mask_encoding=segmenter.scorer.encoding)
+    write_json(output_dir / "metrics.json", metrics)
+    line = f"scored {len(scored)} image(s): mIoU {metrics['input']['miou']:.4f}, Dice {metrics['input']['mdice']:.4f}"
+    if "postprocessed" in metrics:
+        cleaned = metrics["postprocessed"]["input"]
+        line += f"; with {segmenter.steps}: mIoU {cleaned['miou']:.4f}, Dice {cleaned['mdice']:.4f}"
+    print(f"{line} ({output_dir / 'metrics.json'})")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -466,6 +533,14 @@ def run(args, runtime):
     output_dir = Path(args.output)
     jobs = plan_jobs(find_inputs(args.input, output_dir, args.recursive), output_dir)
     segmenter = Segmenter(model, meta, runtime, args)
+    if args.masks:
+        masks = find_masks(jobs, args.masks, args.mask_suffix)  # every mask is found before any work starts
+        check_mask_sizes(jobs, masks, args.mask_downsample)
+        encoding = choose_encoding([masks[job.index] for job in jobs], len(segmenter.classes), args.mask_encoding)
+        segmenter.use_masks(FolderScore(segmenter.classes, encoding, postprocessed=bool(segmenter.fill)), masks)
+        args.overwrite = True  # every score comes from this run's predictions
+        if runtime.is_main:
+            print(f"scoring against {args.masks} (mask encoding {encoding}); every input is predicted again")
     rank_summary = output_dir / f"summary.rank{runtime.rank}.csv"
     if runtime.distributed:
         rank_summary.unlink(missing_ok=True)
@@ -474,6 +549,10 @@ def run(args, runtime):
     if runtime.is_main:
         print(f"{len(jobs)} input(s) -> {output_dir}; window {segmenter.window}, overlap {segmenter.overlap}, "
               f"device {runtime.device}" + (f", {runtime.world_size} processes" if runtime.distributed else ""))
+        if args.postprocess and not segmenter.fill:
+            print(f"--postprocess: {args.checkpoint} defines no post-processing (postprocess in its data set's "
+                  "YAML); masks are the network's own")
+        print("post-processing: " + (segmenter.steps if segmenter.fill else "none (the network's own masks)"))
         if any(job.slide for job in jobs):
             where = (f"{args.mpp} um/px" if args.mpp else f"level {args.level}" if args.level is not None
                      else "level 0")
@@ -512,15 +591,22 @@ def run(args, runtime):
 
     columns = segmenter.columns()
     if runtime.distributed:
+        if segmenter.scorer is not None:  # before the summary, whose presence tells rank 0 this rank is done
+            write_json(output_dir / f"confusion.rank{runtime.rank}.json",
+                       {key: value.tolist() for key, value in segmenter.scorer.confusion.items()})
         write_summary(rank_summary, columns, rows)
         if not runtime.is_main:
             return 1 if any(r["status"].startswith("error") for r in rows) else 0
         rows = merge_rank_summaries(output_dir, runtime.world_size, columns, {j.name: j.index for j in jobs})
+        if segmenter.scorer is not None:
+            merge_rank_confusions(output_dir, runtime.world_size, segmenter.scorer)
     else:
         order = {job.name: job.index for job in jobs}
         rows.sort(key=lambda r: order[r["file"]])
         write_summary(output_dir / SUMMARY, columns, rows)
 
+    if segmenter.scorer is not None:
+        write_score(output_dir, segmenter, rows, args)
     failed = [r for r in rows if r["status"].startswith("error")]
     skipped = sum(r["status"] == "skipped" for r in rows)
     print(f"{len(rows) - len(failed) - skipped} done, {skipped} skipped (outputs exist; --overwrite redoes "

@@ -28,11 +28,37 @@ def main(argv=None):
     step("1_train_stage1", common)
     step("2_train_stage2", common)
     stage2 = run_dir(cfg, "stage2")
-    step("inference", ["--checkpoint", str(stage2 / "best.pth"), "--input", str(Path(cfg.data.root) / "test" / "img"),
-                       "--output", str(run_dir(cfg, "inference")), "--overwrite", "--device", cfg.device])
+    images = first_test_images(cfg)
+    if images is None:
+        print(f"\nno test images in {cfg.data.root} ({', '.join(cfg.data.test_splits) or 'no data.test_splits'}); "
+              "inference skipped.")
+    else:
+        step("inference", inference_argv(cfg, stage2 / "best.pth", images))
     print(f"\ndone: stage-1 and stage-2 metrics in {run_dir(cfg, 'stage1')}/metrics.json and "
-          f"{stage2}/metrics.json; masks and overlays in {run_dir(cfg, 'inference')}")
+          f"{stage2}/metrics.json; masks and overlays in {run_dir(cfg, 'inference')}; "
+          f"results table: python report.py {run_dir(cfg, 'stage1').parent}")
     return 0
+
+
+def first_test_images(cfg):
+    """The image folder of the first test split that exists, or None."""
+    for split in cfg.data.test_splits:
+        folder = Path(cfg.data.root) / split / "img"
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def inference_argv(cfg, checkpoint, images):
+    """inference.py's command line for the config's `inference` settings (window and overlap default to
+    the checkpoint's own)."""
+    argv = ["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(run_dir(cfg, "inference")),
+            "--overwrite", "--device", cfg.device, "--batch-size", str(cfg.inference.batch_size)]
+    if cfg.inference.window is not None:
+        argv += ["--window", str(cfg.inference.window)]
+    if cfg.inference.overlap is not None:
+        argv += ["--overlap", str(cfg.inference.overlap)]
+    return argv
 
 
 if __name__ == "__main__":

@@ -41,9 +41,13 @@ class Stage1Classifier(nn.Module):
         return {"logits": logits, "boundary": boundary, "embedding": embedding}
 
     def cams(self, x):
-        """Class activation maps of the three heads (ReLU of each head on its tap), plus image scores."""
+        """Class activation maps of the three heads, plus image scores.
+
+        A map is the ReLU of the head's weights applied to its tap, without the head's bias: a bias lifts
+        or sinks a whole map evenly, and after each map is scaled by its peak it would flatten the map.
+        """
         taps, _, _ = self.taps(x)
-        maps = [F.relu(F.conv2d(f, head.weight, head.bias)) for head, f in zip(self.heads, taps)]
+        maps = [F.relu(F.conv2d(f, head.weight)) for head, f in zip(self.heads, taps)]
         scores = [head(F.adaptive_avg_pool2d(f, 1)).flatten(1) for head, f in zip(self.heads, taps)]
         return maps, scores
 

@@ -34,7 +34,7 @@ CONFIG = {
     "name": "awkward",
     "device": "cpu",
     "num_workers": 0,
-    "data": {"classes": CLASSES, "palette": [[239, 239, 239], [190, 61, 42], [40, 90, 200]],
+    "data": {"classes": CLASSES, "background": "stroma", "palette": [[239, 239, 239], [190, 61, 42], [40, 90, 200]],
              "mask_encoding": "index"},
     "prepare": {"mode": "generic", "patch_size": 32, "stride": 32, "raw_mask_encoding": "index",
                 "raw_mask_suffix": "_mask"},
@@ -144,7 +144,7 @@ def test_awkward_but_valid_inputs_go_through_the_whole_pipeline(prepared):
     result = run(["2_train_stage2.py", "--config", config, *root])
     assert result.returncode == 0, result.stderr[-3000:]
     stage2 = tmp / "runs" / "awkward" / "stage2"
-    assert {p.name for p in (stage2 / "predictions").iterdir()} == {"test ä.png", "test[b].png"}
+    assert {p.name for p in (stage2 / "predictions" / "test").iterdir()} == {"test ä.png", "test[b].png"}
 
     # inference on a folder of good, awkward and broken files: it goes on, and says which failed
     rng = np.random.default_rng(1)
@@ -329,9 +329,23 @@ def test_bad_inputs_stop_with_one_sentence_naming_the_file_or_setting(prepared, 
             path.unlink()
         return root / "val" / "img"
 
+    def raw_0_255_val_masks(root):
+        # 0/255 masks read as class indices: every foreground pixel would be 'ignore', and any prediction
+        # would score as if perfect
+        for path in (root / "val" / "mask").iterdir():
+            save_png(path, np.where(np.asarray(Image.open(path)) > 0, 255, 0).astype(np.uint8))
+        return root / "val" / "mask"
+
     for name, breaker in (("wrong_size_val_mask", wrong_size_val_mask), ("truncated_test_image", truncated_test_image),
-                          ("missing_val_mask", missing_val_mask), ("empty_val_folder", empty_val_folder)):
+                          ("missing_val_mask", missing_val_mask), ("empty_val_folder", empty_val_folder),
+                          ("0_255_val_masks_read_as_indices", raw_0_255_val_masks)):
         stage2_case(name, breaker)
+    expect["stage2_0_255_val_masks_read_as_indices"] += ("data.mask_encoding", "binary255")
+    crop_root = copy_data(data, tmp_path / "data2_crop")
+    case("stage2_crop_larger_than_training_images", "2_train_stage2",
+         ["--config", config, "--set", f"data.root={crop_root}", "--set", "stage2.train_masks=ground_truth",
+          "--set", "stage2.crop_size=64", "--set", f"runs_dir={tmp_path / 'runs2'}"],
+         "stage2.crop_size=64", "prepare.patch_size", "32x32")
 
     # ---- configs: unknown key, wrong type, negative epoch count (in the YAML and on the command line)
     bad_yamls = {"unknown_key": ({"stage1__epocs": 3}, "stage1.epocs"),
@@ -343,6 +357,10 @@ def test_bad_inputs_stop_with_one_sentence_naming_the_file_or_setting(prepared, 
         extra = ["--raw", tmp_path / "raw_empty"] if script == "0_prepare_data" else []
         case(f"yaml_{name}", script, ["--config", path, *extra], str(path), key)
     case("set_negative_epochs", "2_train_stage2", ["--config", config, "--set", "stage2.epochs=-1"], "stage2.epochs")
+    case("set_moved_key", "1_train_stage1", ["--config", config, "--set", "data.fill_holes=[gland]"],
+         "data.fill_holes", "postprocess.fill_holes")
+    case("set_background_not_a_class", "2_train_stage2", ["--config", config, "--set", "data.background=glass"],
+         "data.background", "glass")
     case("set_unknown_key", "1_train_stage1", ["--config", config, "--set", "stage1.lr_multiplier=2"],
          "stage1.lr_multiplier")
 
@@ -364,7 +382,21 @@ def test_bad_inputs_stop_with_one_sentence_naming_the_file_or_setting(prepared, 
                                                     tmp_path / "nothing here", "--output", tmp_path / "out"],
          str(text_checkpoint), "not a PyTorch checkpoint")
 
+    for name, second_mask in (("missing_one", None), ("wrong_size", np.zeros((10, 20), np.uint8))):
+        scored = tmp_path / f"scored {name}"
+        save_png(scored / "a.png", tissue(rng, 20, 20))
+        save_png(scored / "b.png", tissue(rng, 20, 20))
+        save_png(scored / "masks" / "a.png", np.zeros((20, 20), np.uint8))
+        if second_mask is not None:
+            save_png(scored / "masks" / "b.png", second_mask)
+        needles = (str(scored / "b.png"), "no mask") if second_mask is None else (str(scored / "masks" / "b.png"),
+                                                                                   "20x10")
+        case(f"inference_masks_{name}", "inference", ["--checkpoint", checkpoint, "--input", scored, "--output",
+                                                      tmp_path / "out scored", "--masks", scored / "masks",
+                                                      "--device", "cpu"], *needles)
+
     results = run_cases(tmp_path, cases)
+    assert not (tmp_path / "out scored").exists()  # mask problems are found before anything is written
     # found from the file headers before training, not after an epoch of work
     assert "stage 2 epoch" not in results["stage2_wrong_size_val_mask"][1]
     failures = []

@@ -47,6 +47,15 @@ def test_image_modes_are_converted(tmp_path):
     assert read_rgb(gray)[0, 0].tolist() == [100, 100, 100]
 
 
+def test_sixteen_bit_images_are_scaled_by_bit_depth_not_by_their_content(tmp_path):
+    from PIL import Image
+    dark, bright = tmp_path / "dark.png", tmp_path / "bright.png"
+    Image.fromarray(np.full((4, 4), 1000, np.uint16)).save(dark)      # a dim 16-bit image stays dim
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(bright)
+    assert read_rgb(dark)[0, 0].tolist() == [4, 4, 4]                 # 1000 * 255 / 65535
+    assert read_rgb(bright)[0, 0].tolist() == [255, 255, 255]
+
+
 def test_unreadable_image_names_file(tmp_path, capfd):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")

@@ -62,7 +62,7 @@ def test_folder_of_mixed_formats_with_a_corrupt_file(tmp_path, checkpoint):
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "photo.jpg")
     Image.fromarray(rng.integers(0, 256, (40, 48, 4), dtype=np.uint8)).save(folder / "alpha.png")
     Image.fromarray(rng.integers(0, 256, (100, 90), dtype=np.uint8)).save(folder / "gray.tif")
-    deep = rng.integers(0, 65536, (50, 60, 3)).astype(np.uint16)
+    deep = rng.integers(0, 4000, (50, 60, 3)).astype(np.uint16)  # a dim 16-bit image: it must stay dim
     tifffile.imwrite(folder / "deep.tif", deep, photometric="rgb")
     (folder / "broken.png").write_bytes((folder / "rgb.png").read_bytes()[:300])
     before = digest(folder)
@@ -92,8 +92,8 @@ def test_folder_of_mixed_formats_with_a_corrupt_file(tmp_path, checkpoint):
         assert abs(float(rows[name]["frac_gland"]) - (np.asarray(mask) == 1).mean()) < 1e-4  # as written
     assert rows["gray.tif"]["kind"] == "image" and rows["rgb.png"]["kind"] == "tile"
     assert rows["gray.tif"]["tiles_predicted"] == "4"
-    # 16-bit RGB is scaled to 8 bits, not truncated to its low byte.
-    expected = np.rint(deep * (255.0 / deep.max()))
+    # 16-bit RGB is scaled to 8 bits by its bit depth, not truncated to its low byte nor stretched to its peak.
+    expected = np.rint(deep * (255.0 / 65535))
     assert np.abs(inference.read_image(folder / "deep.tif").astype(float) - expected).max() <= 1
     assert digest(folder) == before
 
@@ -283,3 +283,33 @@ def test_a_checkpoint_of_another_kind_is_refused(tmp_path, capsys):
     message = capsys.readouterr().err.strip()
     assert message.startswith("error: ") and str(stage1) in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+def test_slide_post_processing_is_asked_for_and_saved_probabilities_agree(tmp_path, gland_checkpoint):
+    """Tissue around a glass hole too wide for any tile: the model calls the tissue gland, the hole is glass.
+    Hole filling turns the enclosed glass into gland only when asked, and the probability maps follow."""
+    pytest.importorskip("openslide")
+    rng = np.random.default_rng(5)
+    size, centre = 1024, (512, 512)
+    image = np.full((size, size, 3), 238, dtype=np.uint8) + rng.integers(0, 8, (size, size, 3)).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    distance = np.hypot(xx - centre[0], yy - centre[1])
+    annulus = (distance < 420) & (distance > 220)
+    image[annulus] = tissue_image(size, size, rng)[annulus]
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_pyramid(folder / "ring.tif", image, mpp=0.5)
+    payload = torch.load(gland_checkpoint, weights_only=True)
+    payload["meta"] = {**payload["meta"], "fill_holes": [1]}  # the data set's YAML: postprocess.fill_holes [gland]
+    gland_checkpoint = tmp_path / "gland_fill.pth"
+    torch.save(payload, gland_checkpoint)
+    hole = (slice(60, 68), slice(60, 68))  # mask pixels (downsample 8) at the centre of the hole
+    for asked in (False, True):
+        out = tmp_path / f"out_{asked}"
+        argv = ["--checkpoint", str(gland_checkpoint), "--input", str(folder), "--output", str(out),
+                "--device", "cpu", "--level", "0", "--downsample", "8", "--save-probs"]
+        assert inference.main(argv + (["--postprocess"] if asked else [])) == 0
+        mask = np.asarray(Image.open(out / "ring_mask.png"))
+        gland_probability = np.asarray(Image.open(out / "ring_prob_gland.png"))
+        assert (mask[hole] == (1 if asked else 0)).all()
+        assert ((gland_probability > 127) == (mask == 1)).all()  # the saved maps agree with the mask

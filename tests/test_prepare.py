@@ -86,7 +86,8 @@ def test_glas_preparation_names_labels_and_counts(tmp_path):
     counts = prepare_dataset(_config(out, "prepare.val_images=[train_4]"), tmp_path / "raw")
     expected = _expected_patches(masks)
     assert len(expected) == 15 + 9 + 2
-    assert counts["patches"] == 26 and counts["val"] == 1 and counts["test"] == 2 and counts["train_images"] == 3
+    assert counts["patches"] == 26 and counts["val"] == 1 and counts["train_images"] == 3
+    assert counts["test"] == 1 and counts["test_b"] == 1  # Test A and Test B are kept apart
     assert _names(out / "train" / "img") == sorted(f"{name}{label}.png" for name, label in expected.items())
     assert _names(out / "train" / "mask") == sorted(f"{name}.png" for name in expected)
     assert sum(counts["labels"].values()) == 26
@@ -107,9 +108,9 @@ def test_glas_preparation_names_labels_and_counts(tmp_path):
     assert (padded_mask[:, 24:] == 255).all() and set(np.unique(padded_mask[:, :24])) == {0, 1}
     # Validation and test images are whole, with class-index masks.
     assert _names(out / "val" / "img") == ["train_4.png"] and _names(out / "val" / "mask") == ["train_4.png"]
-    assert _names(out / "test" / "img") == ["testA_1.png", "testB_1.png"]
-    for name in ("testA_1.png", "testB_1.png"):
-        mask = Image.open(out / "test" / "mask" / name)
+    assert _names(out / "test" / "img") == ["testA_1.png"] and _names(out / "test_b" / "img") == ["testB_1.png"]
+    for split, name in (("test", "testA_1.png"), ("test_b", "testB_1.png")):
+        mask = Image.open(out / split / "mask" / name)
         assert mask.mode == "P" and mask.size == (70, 50)
         assert (np.asarray(mask) == 1).sum() == 20 * 30 and set(np.unique(np.asarray(mask))) == {0, 1}
     assert not list((out / "train" / "img").glob("train_4_*"))
@@ -178,7 +179,7 @@ def test_generic_mode_with_three_classes(tmp_path):
             _save(raw / split / f"tile{index}.png", _image(rng, 40, 40))
             _save(raw / split / f"tile{index}_mask.png", mask)
     cfg = _config(tmp_path / "out", "prepare.mode=generic", "prepare.raw_mask_suffix=_mask",
-                  "prepare.raw_mask_encoding=index", "prepare.val_count=1", "data.classes=[a, b, c]",
+                  "prepare.raw_mask_encoding=index", "prepare.val_count=1", "data.classes=[a, b, c]", "data.background=a",
                   "data.palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0]]")
     counts = prepare_dataset(cfg, raw)
     assert counts["val"] == 1 and counts["test"] == 1 and counts["patches"] == 2 * 4
@@ -219,7 +220,7 @@ def test_three_real_glas_images(tmp_path):
     counts = prepare_dataset(cfg, raw)
     masks = {stem: np.asarray(Image.open(SHARED_GLAS / f"{stem}_anno.png")) > 0 for stem in stems[:2]}
     expected = _expected_patches(masks, patch=112, stride=56)
-    assert counts["patches"] == len(expected) and counts["val"] == 1 and counts["test"] == 0
+    assert counts["patches"] == len(expected) and counts["val"] == 1 and "test" not in counts
     assert _names(tmp_path / "out" / "train" / "img") == sorted(f"{n}{label}.png" for n, label in expected.items())
     val_image = np.asarray(Image.open(tmp_path / "out" / "val" / "img" / "train_3.png"))
     assert np.array_equal(val_image, np.asarray(Image.open(SHARED_GLAS / "train_3.png").convert("RGB")))

@@ -164,8 +164,8 @@ def test_same_seed_gives_byte_identical_pseudo_masks(tmp_path, data_root, stage1
 
 def test_same_seed_gives_byte_identical_predictions(tmp_path, data_root, stage2_straight):
     assert load_script("2_train_stage2").main(run_args(tmp_path, data_root, "again")) == 0
-    first = stage2_straight / "demo" / "stage2" / "predictions"
-    again = tmp_path / "again" / "demo" / "stage2" / "predictions"
+    first = stage2_straight / "demo" / "stage2" / "predictions" / "test"
+    again = tmp_path / "again" / "demo" / "stage2" / "predictions" / "test"
     assert file_bytes(again) and file_bytes(again) == file_bytes(first)
     assert_same_weights(stage2_straight / "demo" / "stage2" / "best.pth",
                         tmp_path / "again" / "demo" / "stage2" / "best.pth", exact=True)

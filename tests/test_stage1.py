@@ -18,9 +18,13 @@ def test_stage1_end_to_end_on_tiny_demo(tmp_path):
         assert (out / name).is_file(), name
     assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 4
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"train", "val", "test"}
-    for values in metrics.values():
-        assert 0 <= values["miou"] <= 1 and len(values["iou"]) == 2
+    assert set(metrics) == {"train", "val", "test", "images"}
+    for split in ("train", "val", "test"):
+        assert 0 <= metrics[split]["miou"] <= 1 and len(metrics[split]["iou"]) == 2
+    # whole-image scores come from different images, and each from the images of its own folder
+    for split in ("val", "test"):
+        assert metrics["images"][split] == sorted(p.stem for p in (tmp_path / "data" / split / "img").iterdir())
+    assert not set(metrics["images"]["val"]) & set(metrics["images"]["test"])
 
     items = train_items(tmp_path / "data", 2)
     folder = tmp_path / "data" / "train" / "pseudo_mask"

@@ -45,15 +45,19 @@ def cams_to_masks(cams, labels, background_index=0):
 
     Rules: classes absent from the label never win; a tile with a single present class is that class
     everywhere; a pixel where no present class activates becomes background when background is in the
-    label, otherwise ignore (255) -- never silently a foreground class.
+    label, otherwise ignore (255) -- never silently a foreground class. background_index None: the data
+    set has no background class, and such pixels are always ignore.
     """
     labels = labels.to(cams.device, torch.float32)
     scores = normalise_cams(cams.float()) * labels[:, :, None, None]
     best_score, masks = scores.max(dim=1)
     masks = masks.to(torch.uint8)
     unactivated = best_score <= 0
-    has_background = labels[:, background_index] > 0
-    fallback = torch.where(has_background, background_index, IGNORE_INDEX).to(torch.uint8)
+    if background_index is None:
+        fallback = torch.full_like(labels[:, 0], IGNORE_INDEX, dtype=torch.uint8)
+    else:
+        has_background = labels[:, background_index] > 0
+        fallback = torch.where(has_background, background_index, IGNORE_INDEX).to(torch.uint8)
     masks = torch.where(unactivated, fallback[:, None, None], masks)
     single = labels.sum(dim=1) == 1
     if single.any():
@@ -70,3 +74,11 @@ def heatmap_of(cams, labels, background_index=0):
     scores = normalise_cams(cams.float()) * labels.to(cams.device, torch.float32)[:, :, None, None]
     keep = [c for c in range(scores.shape[1]) if c != background_index]
     return scores[:, keep].amax(dim=1)
+
+
+def claim_unclaimed(masks, background_index):
+    """Masks for scoring whole images, where every labelled pixel counts: a pixel no class claimed (ignore)
+    is predicted as background; without a background class it stays unclaimed and is scored as a miss."""
+    if background_index is None:
+        return masks
+    return torch.where(masks == IGNORE_INDEX, torch.full_like(masks, background_index), masks)

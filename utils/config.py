@@ -29,10 +29,15 @@ DEFAULTS = {
         "pseudo_mask_dir": None,         # default: <root>/train/pseudo_mask
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
+        "background": "background",      # the class that is no tissue of interest, or null when every class is
+        "test_splits": ["test"],         # held-out splits scored once for the final model; missing ones are skipped
         "demo": False,                   # synthesise the demo data set when root is missing
-        "fill_holes": [],                # class names whose enclosed holes are filled in masks (glands)
+    },
+    "postprocess": {                     # optional clean-up of predicted masks, always scored beside the raw masks
+        "fill_holes": [],                # class names whose enclosed holes are filled (a gland encloses its lumen)
     },
     "demo": {                            # synthetic data (only read when data.demo is true)
+        "kind": "glands",                # glands (gland / background) | tissue_types (4 tissues, no background)
         "train_images": 160,
         "val_images": 8,
         "test_images": 12,
@@ -77,6 +82,7 @@ DEFAULTS = {
         "label_threshold": 0.25,         # predicted-label threshold where no image label is known
         "cam_batch_size": 16,
         "samples": 6,                    # images in samples.png
+        "pseudo_mask_fill_holes": [],    # class names whose enclosed holes are filled in the pseudo-masks
     },
     "stage2": {
         "encoder": "resnest200e",
@@ -99,15 +105,18 @@ DEFAULTS = {
         "max_train_images": None,
         "accept_foreign_pseudo_masks": False,
     },
-    "inference": {
+    "inference": {                       # run_pipeline.py's inference step
         "batch_size": 16,
-        "window": 224,
-        "overlap": 0.25,
+        "window": None,                  # default: the checkpoint's (stage2.window)
+        "overlap": None,                 # default: the checkpoint's (stage2.overlap)
     },
 }
 
 OPTIONAL_TYPES = {
     "data.pseudo_mask_dir": (str,),
+    "data.background": (str,),
+    "inference.window": (int,),
+    "inference.overlap": (float, int),
     "stage2.init_from": (str,),
     "stage2.max_train_images": (int,),
 }
@@ -118,6 +127,7 @@ UNION_TYPES = {  # keys that accept more than one type
 CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "data.mask_encoding": ("index", "binary255", "instance"),
+    "demo.kind": ("glands", "tissue_types"),
     "prepare.mode": ("glas", "generic"),
     "prepare.raw_mask_encoding": ("index", "binary255", "instance"),
     "stage2.train_masks": ("pseudo", "ground_truth"),
@@ -125,8 +135,15 @@ CHOICES = {
 NON_NEGATIVE = ("stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size", "stage1.lr",
                 "stage2.lr", "seed", "stage1.weight_decay", "stage2.weight_decay", "demo.train_images")
 POSITIVE = ("stage1.batch_size", "stage2.batch_size", "stage1.image_size", "stage2.crop_size",
-            "stage2.window", "inference.window", "prepare.patch_size", "prepare.stride",
+            "stage2.window", "prepare.patch_size", "prepare.stride",
             "stage1.cam_batch_size", "stage2.eval_batch_size", "inference.batch_size")
+
+
+# Keys of earlier versions, with where their setting lives now.
+MOVED = {
+    "data.fill_holes": "postprocess.fill_holes (predicted masks, scored beside the raw ones) and/or "
+                       "stage1.pseudo_mask_fill_holes (the pseudo-masks stage 2 trains on)",
+}
 
 
 class ConfigError(ValueError):
@@ -174,6 +191,8 @@ def _type_ok(key, default, value):
 def _merge(base, update, source, prefix=""):
     for key, value in update.items():
         dotted = f"{prefix}{key}"
+        if dotted in MOVED:
+            raise ConfigError(f"{source}: '{dotted}' was replaced by {MOVED[dotted]}.")
         if key not in base:
             raise ConfigError(f"{source}: unknown key '{dotted}'; known keys here: {', '.join(sorted(base))}.")
         default = base[key]
@@ -220,16 +239,31 @@ def _validate(cfg, source):
     if len(palette) != len(classes) or any(len(c) != 3 for c in palette):
         raise ConfigError(f"{source}: 'data.palette' needs one [R, G, B] colour per class "
                           f"({len(classes)} classes, {len(palette)} colours).")
-    unknown = [name for name in cfg["data"]["fill_holes"] if name not in classes]
-    if unknown:
-        raise ConfigError(f"{source}: 'data.fill_holes' names {unknown}, which are not in data.classes {classes}.")
+    for key in ("postprocess.fill_holes", "stage1.pseudo_mask_fill_holes"):
+        unknown = [name for name in _get(cfg, key) if name not in classes]
+        if unknown:
+            raise ConfigError(f"{source}: '{key}' names {unknown}, which are not in data.classes {classes}.")
+    background = cfg["data"]["background"]
+    if background is not None and background not in classes:
+        raise ConfigError(f"{source}: 'data.background' is {background!r}, which is not in data.classes {classes}; "
+                          "name the background class, or set it to null when every class is a tissue.")
+    if background is not None and background in cfg["postprocess"]["fill_holes"]:
+        raise ConfigError(f"{source}: 'postprocess.fill_holes' names the background class {background!r}.")
+    splits = cfg["data"]["test_splits"]
+    if any(not isinstance(s, str) or not s or s in ("train", "val") or "/" in s for s in splits) \
+            or len(set(splits)) != len(splits):
+        raise ConfigError(f"{source}: 'data.test_splits' must list distinct folder names under data.root other "
+                          f"than train and val, got {splits!r}.")
     for key in ("stage1.head_weights", "stage1.cam_weights"):
         if len(_get(cfg, key)) != 3:
             raise ConfigError(f"{source}: '{key}' needs three numbers, one per classifier head.")
     if len(cfg["stage1"]["out_indices"]) != 3:
         raise ConfigError(f"{source}: 'stage1.out_indices' needs three stage indices.")
-    if not 0 <= cfg["stage2"]["overlap"] < 1 or not 0 <= cfg["inference"]["overlap"] < 1:
-        raise ConfigError(f"{source}: 'overlap' must be in [0, 1).")
+    for key in ("stage2.overlap", "inference.overlap"):
+        if _get(cfg, key) is not None and not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")
+    if cfg["inference"]["window"] is not None and cfg["inference"]["window"] <= 0:
+        raise ConfigError(f"{source}: 'inference.window' must be positive, got {cfg['inference']['window']!r}.")
 
 
 def parse_override(text):
@@ -274,6 +308,11 @@ def save_config(cfg, path):
 
 def run_dir(cfg, stage):
     return Path(cfg.runs_dir) / cfg.name / stage
+
+
+def background_index(classes, background):
+    """Index of the background class in `classes`, or None when every class is a tissue."""
+    return None if background is None else list(classes).index(background)
 
 
 def pseudo_mask_dir(cfg):

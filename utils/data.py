@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from utils.imageio import DataError, image_size, list_images, read_mask, read_rgb
+from utils.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, read_mask, read_mask_raw,
+                           read_rgb)
 from utils.transforms import to_tensor
 
 _LABEL_GROUP = re.compile(r"^(?P<stem>.*)\[(?P<labels>[^\[\]]*)\]$")
@@ -90,6 +91,42 @@ def split_items(root, split, required=True):
         _check_same_size(mask, image_size(mask), image_size(path))
         items.append(Item(path, path.stem, None, mask))
     return items
+
+
+def test_splits(root, names):
+    """{split: items} for the held-out test splits that exist under root, and the names that do not."""
+    found, missing = {}, []
+    for name in names:
+        if (Path(root) / name / "img").is_dir():
+            found[name] = split_items(root, name)
+        else:
+            missing.append(name)
+    return found, missing
+
+
+def check_split_masks(items, encoding, num_classes, split, setting="data.mask_encoding"):
+    """Read every mask of a val/test split once, before any work: values outside the classes stop the run,
+    and so does a split of 0/255 masks read as class indices, which would score as if perfect (every
+    foreground pixel would be 'ignore')."""
+    only_0_255, any_255 = bool(items), False
+    for item in items:
+        raw = read_mask_raw(item.mask)
+        values = np.unique(raw)
+        if encoding == "index":
+            only_0_255 = only_0_255 and set(values.tolist()) <= {0, IGNORE_INDEX}
+            any_255 = any_255 or IGNORE_INDEX in values
+        decode_mask(values, encoding, num_classes, item.mask)
+    if encoding == "index" and only_0_255 and any_255:
+        raise DataError(f"{Path(items[0].mask).parent}: every {split} mask holds only the values 0 and 255, which "
+                        f"{setting} 'index' reads as background and 'ignore', so every foreground pixel would go "
+                        f"unscored; set {setting} to binary255 (or instance), or prepare the data with "
+                        "0_prepare_data.py.")
+
+
+def median_image_size(paths):
+    """(width, height): the median over images, from their file headers."""
+    sizes = np.array([image_size(path) for path in paths])
+    return int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))
 
 
 def _check_same_size(mask_path, mask_size, image_size):

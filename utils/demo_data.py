@@ -15,7 +15,7 @@ import numpy as np
 
 from utils.config import ConfigError
 from utils.files import write_text
-from utils.imageio import list_images, overlay, read_mask, read_rgb, write_palette_png, write_rgb
+from utils.imageio import IGNORE_INDEX, list_images, overlay, read_mask, read_rgb, write_palette_png, write_rgb
 from utils.prepare import label_string
 
 # Optical densities (R, G, B) of haematoxylin and eosin, after Ruifrok & Johnston.
@@ -242,13 +242,92 @@ def render_tissue(rng, width, height, kind, stain_shift=0.0):
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mask
 
 
+# ------------------------------------------------------------------------------- four tissue types
+# A second synthetic set with four tissue classes and no background class, like LUAD-HistoSeg and
+# BCSS-WSSS: tumour, necrosis, lymphocyte and stroma, with white gaps (glass, clefts) marked ignore (255).
+TISSUE_TYPES = ("tumour", "necrosis", "lymphocyte", "stroma")
+
+
+def _type_nuclei(rng, kind, height, width):
+    """Nuclei of one tissue type over the whole canvas: (centres, axes, angles, values) for _draw_ellipses."""
+    area = height * width
+    if kind == "tumour":       # large, pleomorphic, crowded
+        count, long_axis, ratio, values = int(0.012 * area), (2.8, 4.4), (0.55, 0.85), (190, 255)
+    elif kind == "lymphocyte":  # small, round, very dense
+        count, long_axis, ratio, values = int(0.05 * area), (1.2, 1.7), (0.85, 1.0), (220, 255)
+    elif kind == "necrosis":   # karyorrhectic debris: tiny fragments
+        count, long_axis, ratio, values = int(0.02 * area), (0.5, 1.1), (0.6, 1.0), (110, 200)
+    else:                      # stroma: sparse spindle cells
+        count, long_axis, ratio, values = int(0.003 * area), (2.0, 3.4), (0.3, 0.45), (150, 230)
+    centres = rng.uniform([0, 0], [width, height], (count, 2))
+    long_side = rng.uniform(*long_axis, count)
+    axes = np.stack([long_side, long_side * rng.uniform(*ratio, count)], 1)
+    return centres, axes, rng.uniform(0, 180, count), rng.uniform(*values, count)
+
+
+def _type_stains(rng, kind, height, width):
+    """Haematoxylin and eosin concentrations of one tissue type's ground substance (no nuclei)."""
+    fine = _smooth_noise(rng, height, width, 0.8)
+    if kind == "stroma":
+        fibres = _fibre_field(rng, height, width)
+        return 0.03 + 0.03 * fibres, rng.uniform(0.45, 0.65) * (0.6 + 0.5 * fibres) * (1 + 0.08 * fine)
+    if kind == "necrosis":  # pale, smudged eosin with blotches
+        blotch = _smooth_noise(rng, height, width, 4.0)
+        return 0.05 + 0.02 * fine, rng.uniform(0.3, 0.45) * (1 + 0.3 * blotch) * (1 + 0.1 * fine)
+    if kind == "tumour":    # purple cytoplasm
+        return rng.uniform(0.25, 0.38) * (1 + 0.12 * fine), rng.uniform(0.25, 0.4) * (1 + 0.12 * fine)
+    return 0.1 * (1 + 0.1 * fine), 0.12 * (1 + 0.1 * fine)  # lymphocytes: little between the cells
+
+
+def render_tissue_types(rng, width, height, regions):
+    """One synthetic image with `regions` tissue regions of random types: (H x W x 3 uint8, mask), where the
+    mask holds TISSUE_TYPES indices and 255 on white gaps."""
+    seeds = rng.uniform([0, 0], [width, height], (regions, 2))
+    kinds = rng.integers(0, len(TISSUE_TYPES), regions)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    distance = np.stack([np.hypot(xs - x, ys - y) for x, y in seeds])
+    distance += 0.12 * max(width, height) * np.stack([_smooth_noise(rng, height, width, 6.0) for _ in seeds])
+    mask = kinds[distance.argmin(axis=0)].astype(np.uint8)
+    haem = np.zeros((height, width), np.float32)
+    eosin = np.zeros((height, width), np.float32)
+    for index, kind in enumerate(TISSUE_TYPES):
+        inside = mask == index
+        if not inside.any():
+            continue
+        region_haem, region_eosin = _type_stains(rng, kind, height, width)
+        canvas = np.zeros((height, width), np.uint8)
+        _draw_ellipses(canvas, *_type_nuclei(rng, kind, height, width))
+        nucleus = cv2.GaussianBlur(canvas.astype(np.float32) / 255, (0, 0), 0.5)
+        strength = rng.uniform(1.2, 1.7) * (0.7 if kind == "necrosis" else 1.0)
+        haem = np.where(inside, region_haem * (1 - nucleus) + strength * nucleus, haem)
+        eosin = np.where(inside, region_eosin * (1 - 0.5 * nucleus), eosin)
+    gaps = _smooth_noise(rng, height, width, 5.0) > rng.uniform(1.6, 2.4)  # clefts and glass: no tissue
+    haem[gaps] *= 0.05
+    eosin[gaps] *= 0.05
+    mask[gaps] = IGNORE_INDEX
+    haem_vector, eosin_vector = _random_stains(rng, 0.0)
+    optical_density = haem[..., None] * haem_vector + eosin[..., None] * eosin_vector
+    rgb = rng.uniform(238, 252) * np.exp(-1.6 * optical_density)
+    rgb = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), rng.uniform(0.45, 0.8))
+    rgb += rng.normal(0, rng.uniform(1.5, 3.5), rgb.shape).astype(np.float32)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mask
+
+
+def _render(rng, kind, split, width, height, shift):
+    """One image and mask of the demo kind: glands on stroma, or the four tissue types."""
+    if kind == "tissue_types":
+        regions = int(rng.integers(1, 4)) if split == "train" else int(rng.integers(3, 6))
+        return render_tissue_types(rng, width, height, regions)
+    return render_tissue(rng, width, height, _tile_kind(rng) if split == "train" else "glands", shift)
+
+
 # ---------------------------------------------------------------------------------------------- files
 def _tile_kind(rng):
     draw = rng.random()
     return "stroma" if draw < 0.28 else ("filled" if draw < 0.42 else "glands")
 
 
-def _write_domain(root, counts, tile_size, test_size, palette, seed, domain, shift):
+def _write_domain(root, counts, tile_size, test_size, palette, seed, domain, shift, kind="glands"):
     """Write train/val/test of one domain; returns the set of files written (relative paths)."""
     written = set()
     label_counts = {}
@@ -257,12 +336,15 @@ def _write_domain(root, counts, tile_size, test_size, palette, seed, domain, shi
             rng = np.random.default_rng([seed, domain, SPLIT_CODES[split], index])
             stem = f"{split}_{index:04d}"
             if split == "train":
-                image, mask = render_tissue(rng, tile_size, tile_size, _tile_kind(rng), shift)
+                image, mask = _render(rng, kind, split, tile_size, tile_size, shift)
                 label = label_string(mask, len(palette), LABEL_MIN_FRACTION)
+                while label is None:  # a tile that is all gap has no label: draw it again
+                    image, mask = _render(rng, kind, split, tile_size, tile_size, shift)
+                    label = label_string(mask, len(palette), LABEL_MIN_FRACTION)
                 label_counts[label] = label_counts.get(label, 0) + 1
                 image_name = f"{stem}{label}.png"
             else:
-                image, mask = render_tissue(rng, test_size[0], test_size[1], "glands", shift)
+                image, mask = _render(rng, kind, split, test_size[0], test_size[1], shift)
                 image_name = f"{stem}.png"
             write_rgb(root / split / "img" / image_name, image)
             write_palette_png(root / split / "mask" / f"{stem}.png", mask, palette)
@@ -283,8 +365,8 @@ def _remove_stale(root, written):
                     path.unlink()
 
 
-def write_preview(root, palette, path, count=16, columns=8):
-    """A contact sheet of training tiles above their gland overlays, to check the data by eye."""
+def write_preview(root, palette, path, count=16, columns=8, background=0):
+    """A contact sheet of training tiles above their class overlays, to check the data by eye."""
     root = Path(root)
     tiles = list_images(root / "train" / "img")[:count]
     if not tiles:
@@ -294,7 +376,7 @@ def write_preview(root, palette, path, count=16, columns=8):
         image = read_rgb(tile)
         stem = tile.stem.split("[")[0]
         mask = read_mask(root / "train" / "mask" / f"{stem}.png", "index", len(palette))
-        cells.append((image, overlay(image, mask, palette, alpha=0.55)))
+        cells.append((image, overlay(image, mask, palette, background, alpha=0.55)))
     size = cells[0][0].shape[0]
     blank = np.full((size, size, 3), 255, np.uint8)
     while len(cells) % columns:
@@ -318,6 +400,7 @@ def target_root(root):
 def _settings(demo_cfg, palette, seed, stain_shift):
     keys = ("train_images", "val_images", "test_images", "tile_size", "test_size", "target_domain")
     settings = {key: demo_cfg[key] for key in keys}
+    settings["kind"] = demo_cfg.get("kind", "glands")
     settings["test_size"] = list(settings["test_size"])
     settings.update(stain_shift=float(stain_shift), seed=int(seed), palette=[list(c) for c in palette])
     return settings
@@ -348,11 +431,12 @@ def generate_demo_dataset(root, demo_cfg, palette, seed=0, stain_shift=None):
     for folder, domain_counts, domain, domain_shift in reversed(domains):
         (folder / MARKER).unlink(missing_ok=True)
         written, labels = _write_domain(folder, domain_counts, tile_size, test_size, palette, seed, domain,
-                                        domain_shift)
+                                        domain_shift, settings["kind"])
         _remove_stale(folder, written)
         if domain == 0:
             summary["labels"] = labels
-            write_preview(folder, palette, folder / "preview.png")
+            write_preview(folder, palette, folder / "preview.png",
+                          background=None if settings["kind"] == "tissue_types" else 0)
         write_text(folder / MARKER, json.dumps({**settings, "domain": domain}, sort_keys=True) + "\n")
     where = f"{root}" + (f" and a stain-shifted copy in {summary['target_root']}" if "target_root" in summary
                          else "")
@@ -377,6 +461,9 @@ def demo_is_complete(root, demo_cfg, palette, seed):
 def ensure_demo_dataset(cfg):
     """Generate the demo data under cfg.data.root unless a finished one with the same settings is there."""
     root = Path(cfg.data.root)
+    if cfg.demo.kind == "tissue_types" and len(cfg.data.classes) != len(TISSUE_TYPES):
+        raise ConfigError(f"demo.kind tissue_types draws {len(TISSUE_TYPES)} classes ({', '.join(TISSUE_TYPES)}); "
+                          f"data.classes lists {len(cfg.data.classes)}.")
     if demo_is_complete(root, cfg.demo, cfg.data.palette, cfg.seed):
         return root
     generate_demo_dataset(root, cfg.demo, cfg.data.palette, seed=cfg.seed)

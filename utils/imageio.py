@@ -87,9 +87,10 @@ def read_rgb(path):
         return fast
     image = _open(path)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Scaled by the bit depth, never by the image's own maximum: brightness must not depend on content.
         array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / max(float(array.max()), 1.0) if array.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+        full_scale = 65535.0 if image.mode != "I" or array.max() <= 65535 else float(2 ** 32 - 1)
+        image = Image.fromarray(np.clip(np.rint(array * (255.0 / full_scale)), 0, 255).astype(np.uint8))
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -190,10 +191,13 @@ def colorize(mask, palette):
     return lut[np.asarray(mask, dtype=np.uint8)]
 
 
-def overlay(image, mask, palette, alpha=0.45):
-    """Blend class colours over the image; background (class 0) and ignore stay as the image."""
+def overlay(image, mask, palette, background=0, alpha=0.45):
+    """Blend class colours over the image; the background class (None: there is none) and ignore stay as
+    the image."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
     mask = np.asarray(mask)
     blend = cv2.addWeighted(image, 1 - alpha, colorize(mask, palette), alpha, 0.0)
-    keep = (mask == 0) | (mask == IGNORE_INDEX)
+    keep = mask == IGNORE_INDEX
+    if background is not None:
+        keep |= mask == background
     return np.where(keep[..., None], image, blend)

@@ -70,8 +70,9 @@ def separation(counts, means):
     return (similarity * pairs).sum() / pairs.sum().clamp(min=1.0)
 
 
-def soft_dice_loss(probs, target, ignore_index):
-    """1 - mean over foreground classes 1..C-1 of soft Dice, over the labelled pixels of the whole batch.
+def soft_dice_loss(probs, target, ignore_index, background=0):
+    """1 - mean over the foreground classes (all but `background`; every class when it is None) of soft
+    Dice, over the labelled pixels of the whole batch.
 
     Smoothing 1 keeps a class absent from both prediction and target from dividing by zero.
     """
@@ -84,14 +85,17 @@ def soft_dice_loss(probs, target, ignore_index):
     overlap = (masked * one_hot).sum(dim=dims)
     total = masked.sum(dim=dims) + one_hot.sum(dim=dims)
     dice = (2.0 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING)
-    return 1.0 - dice[1:].mean()
+    foreground = [c for c in range(num_classes) if c != background]
+    return 1.0 - dice[foreground].mean()
 
 
 class IICBLoss(nn.Module):
     """Weighted sum of the IICB terms; forward returns (total, detached terms)."""
 
-    def __init__(self, alpha=1.0, beta=0.2, gamma=0.1, delta=0.1, eta=0.1, tau=0.4, ignore_index=255):
+    def __init__(self, alpha=1.0, beta=0.2, gamma=0.1, delta=0.1, eta=0.1, tau=0.4, ignore_index=255,
+                 background=0):
         super().__init__()
+        self.background = background  # class index left out of the Dice term; None: none is
         self.alpha, self.beta, self.gamma, self.delta, self.eta = alpha, beta, gamma, delta, eta
         self.tau = tau
         self.ignore_index = ignore_index
@@ -113,7 +117,7 @@ class IICBLoss(nn.Module):
             "smooth": smoothness(probs),
             "compact": compactness(counts, variances),
             "separation": separation(counts, means),
-            "dice": soft_dice_loss(probs, target, self.ignore_index),
+            "dice": soft_dice_loss(probs, target, self.ignore_index, self.background),
         }
         total = (self.alpha * terms["ce"] + self.beta * terms["uncertainty"] + self.gamma * terms["smooth"]
                  + self.delta * (terms["compact"] + terms["separation"]) + self.eta * terms["dice"])

@@ -3,7 +3,8 @@ import numpy as np
 import torch
 
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint
-from utils.postprocess import class_indices, fill_holes
+from utils.config import background_index
+from utils.postprocess import class_indices
 from utils.sliding_window import sliding_window_logits
 from utils.transforms import normalize_batch
 
@@ -15,7 +16,9 @@ def segmenter_meta(cfg):
     return {"encoder": cfg.stage2.encoder, "classes": list(cfg.data.classes),
             "palette": [list(c) for c in cfg.data.palette], "mean": list(cfg.data.mean),
             "std": list(cfg.data.std), "window": cfg.stage2.window, "overlap": cfg.stage2.overlap,
-            "fill_holes": class_indices(cfg.data.classes, cfg.data.fill_holes)}
+            "background": background_index(cfg.data.classes, cfg.data.background),
+            # post-processing the data set's YAML defines; inference applies it only when asked to
+            "fill_holes": class_indices(cfg.data.classes, cfg.postprocess.fill_holes)}
 
 
 def load_segmenter(path, device):
@@ -57,6 +60,7 @@ def predict_logits(model, image, runtime, window, overlap, batch_size, mean, std
     return sliding_window_logits(run, tensor, num_classes, window, overlap, batch_size)
 
 
-def predict_mask(model, image, runtime, window, overlap, batch_size, mean, std, num_classes, fill=()):
+def predict_mask(model, image, runtime, window, overlap, batch_size, mean, std, num_classes):
+    """H x W uint8 class mask (the argmax of predict_logits), without any post-processing."""
     logits = predict_logits(model, image, runtime, window, overlap, batch_size, mean, std, num_classes)
-    return fill_holes(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), fill)
+    return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()

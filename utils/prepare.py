@@ -11,7 +11,8 @@ the real tissue shows.
 
 Two raw layouts:
 - glas: one flat folder with train_*, testA_*, testB_* images and `<name>_anno` masks (PNG 0/255 or the
-  official BMP instance maps; any value > 0 is gland).
+  official BMP instance maps; any value > 0 is gland). Test A goes to test/ and Test B to test_b/: the
+  two are scored and reported apart.
 - generic: train/, optional val/ and test/ folders of images with `<stem><prepare.raw_mask_suffix>` masks
   decoded with prepare.raw_mask_encoding.
 
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +33,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.files import atomic_path, write_text
+from utils.provenance import hardware
 from utils.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, palette_image,
                            read_mask_raw, read_rgb)
 
 GLAS_MASK_SUFFIX = "_anno"
 GLAS_TRAIN_PREFIX = "train_"
-GLAS_TEST_PREFIXES = ("testA_", "testB_")
-OUTPUT_FOLDERS = ("train/img", "train/mask", "val/img", "val/mask", "test/img", "test/mask")
+GLAS_TEST_SPLITS = {"test": "testA_", "test_b": "testB_"}   # output split: raw file-name prefix
+OUTPUT_FOLDERS = ("train/img", "train/mask", "val/img", "val/mask", "test/img", "test/mask", "test_b/img",
+                  "test_b/mask")
 SUMMARY_FILE = "prepare_summary.json"
 
 
@@ -130,19 +134,19 @@ def _hold_out(pairs, cfg, source):
 
 
 def find_raw_pairs(cfg, raw_dir):
-    """(train, val, test) lists of RawPair from a raw folder, per prepare.mode."""
+    """(train, val, {test split: pairs}) lists of RawPair from a raw folder, per prepare.mode."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise DataError(f"raw folder {raw_dir} does not exist; pass the folder with the downloaded images "
                         "as --raw.")
     if cfg.prepare.mode == "glas":
         train = _pairs_in(raw_dir, GLAS_MASK_SUFFIX, (GLAS_TRAIN_PREFIX,))
-        test = _pairs_in(raw_dir, GLAS_MASK_SUFFIX, GLAS_TEST_PREFIXES)
+        tests = {split: _pairs_in(raw_dir, GLAS_MASK_SUFFIX, (prefix,)) for split, prefix in GLAS_TEST_SPLITS.items()}
         if not train:
             raise DataError(f"raw folder {raw_dir} holds no GlaS training images (train_*.png or .bmp with "
                             "train_*_anno masks).")
         train, val = _hold_out(train, cfg, raw_dir)
-        return train, val, test
+        return train, val, {split: pairs for split, pairs in tests.items() if pairs}
     suffix = cfg.prepare.raw_mask_suffix
     if not suffix:
         raise DataError("prepare.raw_mask_suffix is empty; masks must be named <stem><suffix>.<ext>, "
@@ -157,8 +161,8 @@ def find_raw_pairs(cfg, raw_dir):
         val = _pairs_in(raw_dir / "val", suffix)
     else:
         train, val = _hold_out(train, cfg, raw_dir / "train")
-    test = _pairs_in(raw_dir / "test", suffix) if (raw_dir / "test").is_dir() else []
-    return train, val, test
+    tests = {"test": _pairs_in(raw_dir / "test", suffix)} if (raw_dir / "test").is_dir() else {}
+    return train, val, {split: pairs for split, pairs in tests.items() if pairs}
 
 
 def _read_class_mask(pair, cfg):
@@ -244,13 +248,15 @@ def _stale_files(out, expected):
 
 def prepare_dataset(cfg, raw_dir, overwrite=False):
     """Write cfg.data.root from raw_dir (per cfg.prepare) and return the counts."""
+    started = time.perf_counter()
     raw_dir, out = Path(raw_dir), Path(cfg.data.root)
     if out.resolve() == raw_dir.resolve():
         raise DataError(f"data.root ({out}) is the raw folder itself; point data.root at a new folder.")
     settings = cfg.prepare
     num_classes, min_fraction = len(cfg.data.classes), float(settings.min_class_fraction)
     patch_size, stride = int(settings.patch_size), int(settings.stride)
-    train, val, test = find_raw_pairs(cfg, raw_dir)
+    train, val, tests = find_raw_pairs(cfg, raw_dir)
+    whole = {"val": val, **tests}   # split: pairs copied whole with their masks
 
     # Plan every output name first (labels need the masks), so stale files are found before writing.
     plans, expected, skipped = [], set(), 0
@@ -264,7 +270,7 @@ def prepare_dataset(cfg, raw_dir, overwrite=False):
             plan.patches.append((y, x, label))
             expected.update({f"train/img/{pair.stem}_{y}_{x}{label}.png", f"train/mask/{pair.stem}_{y}_{x}.png"})
         plans.append(plan)
-    for split, pairs in (("val", val), ("test", test)):
+    for split, pairs in whole.items():
         for pair in pairs:
             _read_class_mask(pair, cfg)
             expected.update({f"{split}/img/{pair.stem}.png", f"{split}/mask/{pair.stem}.png"})
@@ -282,8 +288,7 @@ def prepare_dataset(cfg, raw_dir, overwrite=False):
 
     # PNG encoding dominates and releases the GIL, so threads give a real speed-up.
     jobs = [(_write_patches, (plan, cfg, out)) for plan in plans]
-    jobs += [(_write_whole, (pair, split, cfg, out)) for split, pairs in (("val", val), ("test", test))
-             for pair in pairs]
+    jobs += [(_write_whole, (pair, split, cfg, out)) for split, pairs in whole.items() for pair in pairs]
     written = 0
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     try:
@@ -304,23 +309,28 @@ def prepare_dataset(cfg, raw_dir, overwrite=False):
         "skipped_patches": skipped,
         "labels": dict(sorted(labels.items())),
         "val": len(val),
-        "test": len(test),
+        **{split: len(pairs) for split, pairs in tests.items()},
         "written": written,
         "unchanged": total_files - written,
         "removed": len(stale),
     }
     summary = {"raw": str(raw_dir), "mode": settings.mode, "patch_size": patch_size, "stride": stride,
                "min_class_fraction": min_fraction, "classes": list(cfg.data.classes),
-               "val_images": [p.stem for p in val], **{k: counts[k] for k in ("patches", "labels", "val", "test")}}
+               "val_images": [p.stem for p in val], "patches": counts["patches"], "labels": counts["labels"],
+               "val": len(val), **{split: len(pairs) for split, pairs in tests.items()},
+               "seconds": round(time.perf_counter() - started, 1), "hardware": hardware()}
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
     histogram = ", ".join(f"{label}: {n}" for label, n in counts["labels"].items())
+    held_out = ", ".join(f"{len(pairs)} {split}" for split, pairs in whole.items())
     print(f"prepared {out}: {counts['patches']} training patches from {len(train)} images ({histogram}"
-          f"{f'; {skipped} unlabelled patches skipped' if skipped else ''}), {len(val)} val and {len(test)} "
-          f"test images; {written} files written, {total_files - written} already up to date"
+          f"{f'; {skipped} unlabelled patches skipped' if skipped else ''}), whole images: {held_out}; "
+          f"{written} files written, {total_files - written} already up to date"
           f"{f', {len(stale)} stale removed' if stale else ''}.")
-    if not test:
+    if not tests:
         print(f"note: no test images found in {raw_dir}.")
+    elif cfg.prepare.mode == "glas" and "test_b" not in tests:
+        print(f"note: no Test B images (testB_*) in {raw_dir}; only Test A was prepared (test/).")
     if cfg.data.mask_encoding != "index":
         print(f"note: the prepared masks hold class indices; set data.mask_encoding: index for {out}.")
     return counts

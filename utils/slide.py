@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.imageio import DataError
+from utils.imageio import IGNORE_INDEX, DataError
 from utils.sliding_window import window_positions, window_weight
 
 SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -244,12 +244,14 @@ class LogitStitcher:
 
 
 def probabilities(logits, covered, background=0):
-    """Softmax over classes; pixels no tile reached (glass) are background with certainty."""
+    """Softmax over classes; pixels no tile reached (glass) are background with certainty, or have
+    probability 0 for every class when the data set has no background class (background None)."""
     shifted = logits - logits.max(axis=0, keepdims=True)
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=0, keepdims=True)
     shifted[:, ~covered] = 0.0
-    shifted[background, ~covered] = 1.0
+    if background is not None:
+        shifted[background, ~covered] = 1.0
     return shifted
 
 
@@ -299,11 +301,12 @@ def _tile_batches(slide, tiles, resolution, window, batch_size, workers):
 
 
 def segment_slide(slide, predict_batch, num_classes, window, overlap, batch_size, resolution,
-                  mask_downsample, progress=None, workers=4):
+                  mask_downsample, progress=None, workers=4, background=0):
     """Predict the tissue tiles of a slide and stitch them into a class map at `mask_downsample`.
 
     predict_batch maps N x window x window x 3 uint8 to N x C x window x window logits; progress, if
-    given, is called with (done, total) tile counts.
+    given, is called with (done, total) tile counts. Glass (no tile predicted) is the background class, or
+    ignore (255) when background is None.
     """
     width0, height0 = slide.dimensions
     thumbnail_downsample = max(1.0, max(width0, height0) / THUMBNAIL_SIDE)
@@ -327,8 +330,10 @@ def segment_slide(slide, predict_batch, num_classes, window, overlap, batch_size
         if progress is not None:
             progress(done, len(tiles))
     logits, covered = stitcher.result()
-    probs = probabilities(logits, covered)
+    probs = probabilities(logits, covered, background)
     mask = probs.argmax(axis=0).astype(np.uint8)
+    if background is None:
+        mask[~covered] = IGNORE_INDEX
     return SlidePrediction(probs, mask, thumbnail, tissue, mask_downsample, analysis_ds, len(tiles), len(grid))
 
 
@@ -345,7 +350,8 @@ def _ring(contour, downsample, bounds, tolerance):
 
 
 def mask_to_geojson(mask, classes, palette, downsample, bounds, background=0, tolerance=0.75):
-    """FeatureCollection of one Polygon (with holes) per connected region of each non-background class.
+    """FeatureCollection of one Polygon (with holes) per connected region of each non-background class
+    (every class when background is None; ignore is never exported).
 
     Coordinates are level-0 pixels (mask pixel * downsample) clipped to bounds = (width, height); the
     properties follow what QuPath reads as a classified annotation.

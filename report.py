@@ -1,0 +1,171 @@
+"""Results tables generated from what a run wrote, never typed by hand.
+
+    python report.py runs/glas_cpu            # one run: every split, with and without post-processing
+    python report.py runs/glas_cpu runs/demo  # several runs, one table each
+
+Reads each stage's config.yaml, metrics.json, run.json (wall time, hardware) and log.csv, and the data
+root's prepare_summary.json, and prints Markdown: the rows the README shows, with the command that made
+them. Figures are percentages of the metrics in metrics.json (mIoU and mean Dice over classes).
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from utils.cli import run_main
+from utils.imageio import DataError
+from utils.provenance import RUN_RECORD, describe_hardware
+
+STAGES = ("stage1", "stage2")
+NAMES = {"stage1": "stage 1: CAM pseudo-masks", "stage2": "stage 2: DPR"}
+
+
+def read_json(path):
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_log(path):
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def load_stage(folder):
+    """config, metrics, run record and log of one stage folder (None where a file is missing)."""
+    folder = Path(folder)
+    config = None
+    if (folder / "config.yaml").is_file():
+        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    return {"config": config, "metrics": read_json(folder / "metrics.json"), "run": read_json(folder / RUN_RECORD),
+            "log": read_log(folder / "log.csv")}
+
+
+def load_run(folder):
+    folder = Path(folder)
+    stages = {stage: load_stage(folder / stage) for stage in STAGES if (folder / stage / "metrics.json").is_file()}
+    if not stages:
+        raise DataError(f"{folder}: no stage1/metrics.json or stage2/metrics.json; run the numbered scripts "
+                          "first (or point at runs/<name>).")
+    config = next(s["config"] for s in stages.values() if s["config"] is not None)
+    prepare = read_json(Path(config["data"]["root"]) / "prepare_summary.json") if config else None
+    return {"folder": folder, "stages": stages, "config": config, "prepare": prepare}
+
+
+def percent(value):
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def held_out_splits(run):
+    """Splits scored on whole images, val first, in the order the config lists its test splits."""
+    found = {split for stage in run["stages"].values() for split in stage["metrics"].get("images", {})}
+    order = ["val"] + list((run["config"] or {}).get("data", {}).get("test_splits", []))
+    return [split for split in order if split in found] + sorted(found - set(order))
+
+
+def stage_label(stage, data):
+    if stage != "stage2":
+        return NAMES[stage]
+    epochs = (data["config"] or {}).get("stage2", {}).get("epochs")
+    best = data["metrics"].get("best_epoch")
+    if best is None:
+        return NAMES[stage]
+    return f"{NAMES[stage]} (epoch {best} of {epochs}, chosen on val)"
+
+
+def results_rows(run):
+    """(header, rows): one row per stage without post-processing, then one with it where it was set."""
+    splits = held_out_splits(run)
+    header = ["model", "post-processing"] + [f"{split} {m}" for split in splits for m in ("mIoU", "Dice")]
+    rows = []
+    for stage, data in run["stages"].items():
+        metrics = data["metrics"]
+        variants = [("none", metrics)]
+        if metrics.get("postprocessed"):
+            variants.append((metrics["postprocessed"].get("steps") or "yes", metrics["postprocessed"]))
+        for name, values in variants:
+            row = [stage_label(stage, data) if name == "none" else NAMES[stage], name]
+            for split in splits:
+                scored = values.get(split)
+                row += [percent(scored["miou"]), percent(scored["mdice"])] if scored else ["–", "–"]
+            rows.append(row)
+    return header, rows
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def minutes(seconds):
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def wall_times(run):
+    """'prepare 19 s, stage 1 15.1 min, stage 2 18.9 min; total 34.3 min' from the recorded times."""
+    parts, total = [], 0.0
+    if run["prepare"] and run["prepare"].get("seconds") is not None:
+        parts.append(f"prepare {minutes(run['prepare']['seconds'])}")
+        total += run["prepare"]["seconds"]
+    for stage, data in run["stages"].items():
+        if data["run"]:
+            note = " (resumed: this part only)" if data["run"].get("resumed") else ""
+            parts.append(f"{stage.replace('stage', 'stage ')} {minutes(data['run']['seconds'])}{note}")
+            total += data["run"]["seconds"]
+    return (", ".join(parts) + f"; total {minutes(total)}") if parts else "not recorded"
+
+
+def hardware_line(run):
+    seen = []
+    for data in run["stages"].values():
+        if data["run"]:
+            text = describe_hardware(data["run"]["hardware"])
+            software = data["run"].get("software", {})
+            text += f", torch {software.get('torch', '?')}"
+            if software.get("commit"):
+                text += f", commit {software['commit']}"
+            if text not in seen:
+                seen.append(text)
+    return "; ".join(seen) or "not recorded"
+
+
+def extra_lines(run):
+    lines = []
+    stage1 = run["stages"].get("stage1")
+    if stage1 and "train" in stage1["metrics"]:
+        train = stage1["metrics"]["train"]
+        lines.append(f"Pseudo-masks on the training tiles (pixels they leave unlabelled not scored): mIoU "
+                     f"{percent(train['miou'])}, Dice {percent(train['mdice'])}.")
+    counts = [f"{split} {len(names)}" for split, names in
+              next(iter(run["stages"].values()))["metrics"].get("images", {}).items()]
+    if counts:
+        lines.append("Whole images scored: " + ", ".join(counts) + ".")
+    return lines
+
+
+def render_run(run, command):
+    name = (run["config"] or {}).get("name", run["folder"].name)
+    header, rows = results_rows(run)
+    text = [f"### {name}", "", f"`{command}`", "", markdown(header, rows), ""]
+    text += extra_lines(run)
+    text += [f"Wall time: {wall_times(run)}.", f"Hardware: {hardware_line(run)}.", ""]
+    return "\n".join(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders (runs/<name>) with stage1/ and stage2/ in them")
+    args = parser.parse_args(argv)
+    for folder in args.runs:
+        print(render_run(load_run(folder), f"python report.py {folder}"))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,269 @@
+"""What the reported figures mean: every labelled pixel counts, post-processing is scored apart from the
+raw masks, background is a setting, and the tables come from the files a run wrote."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from conftest import ROOT, load_script, save_png
+from utils.cam import cams_to_masks, claim_unclaimed
+from utils.config import load_config
+from utils.data import Item
+from utils.imageio import IGNORE_INDEX, overlay
+from utils.losses import IICBLoss, soft_dice_loss
+from utils.metrics import confusion_matrix, scores
+from utils.postprocess import fill_holes, fill_holes_with_probabilities
+from utils.runtime import Runtime
+
+CPU = Runtime(torch.device("cpu"), None)
+
+
+# ---------------------------------------------------------------------------- every pixel counts
+def test_unclaimed_pixels_are_misses_not_skipped():
+    truth = np.array([[0, 1, 1, 2]])
+    predicted = np.array([[0, 1, IGNORE_INDEX, IGNORE_INDEX]])
+    conf = confusion_matrix(predicted, truth, 3, count_unclaimed=True)
+    assert conf.shape == (3, 4) and conf.sum() == 4 and conf[1, 3] == 1 and conf[2, 3] == 1
+    result = scores(conf)
+    assert result["iou"] == pytest.approx([1.0, 0.5, 0.0])  # class 2 was missed, not left out
+    assert result["pixel_acc"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(predicted, truth, 3)  # without the extra column, 255 is no class
+
+
+class CamStub(nn.Module):
+    """A stage-1 classifier whose CAMs and image scores are given: .cams(x) as Stage1Classifier has it."""
+
+    def __init__(self, maps, image_scores):
+        super().__init__()
+        self.maps, self.image_scores = maps, image_scores
+
+    def cams(self, x):
+        maps = self.maps.expand(len(x), -1, -1, -1)
+        return [maps] * 3, [self.image_scores.expand(len(x), -1)] * 3
+
+
+def write_split(folder, truth):
+    save_png(folder / "img" / "a.png", np.full(truth.shape + (3,), 200, np.uint8))
+    save_png(folder / "mask" / "a.png", truth)
+    return [Item(folder / "img" / "a.png", "a", None, folder / "mask" / "a.png")]
+
+
+def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
+    stage1 = load_script("1_train_stage1")
+    truth = np.zeros((8, 8), np.uint8)
+    truth[:, 4:] = 1
+    truth[0, 0] = IGNORE_INDEX
+    items = write_split(tmp_path / "val", truth)
+    cfg = load_config(None, ["stage1.cam_flip=false"])
+    # Every predicted label is under the threshold: once "ignore" everywhere and left out of the score.
+    quiet = CamStub(torch.rand(1, 2, 8, 8), torch.full((1, 2), -5.0))
+    raw, cleaned = stage1.score_whole_images(cfg, quiet, items, CPU, 1.0)
+    assert raw.sum() == 63 and cleaned is None
+    assert raw[:, 0].sum() == 63  # nothing claimed: predicted as background, the gland pixels missed
+
+    # Three tissue classes and no background: pixels no present class activates are misses.
+    cfg = load_config(None, ["stage1.cam_flip=false", "data.classes=[a, b, c]", "data.background=null",
+                             "data.palette=[[1, 1, 1], [2, 2, 2], [3, 3, 3]]"])
+    maps = torch.zeros(1, 3, 8, 8)
+    maps[0, 1, :, 4:] = 1.0  # class b lights up its half; class a nowhere
+    raw, _ = stage1.score_whole_images(cfg, CamStub(maps, torch.tensor([[3.0, 3.0, -3.0]])), items, CPU, 1.0)
+    assert raw.sum() == 63 and raw[0, 3] == 31  # class a's pixels: unclaimed, counted as misses
+    assert scores(raw)["iou"][0] == 0.0
+
+
+def test_cams_use_the_heads_weights_without_their_bias():
+    from models.classifier import Stage1Classifier
+
+    class Taps(nn.Module):
+        tap_channels, ibm_channels = (4, 4, 4), 4
+
+        def encode(self, x):
+            return x[:, :4], x[:, :4], x[:, :4]
+
+        def finish(self, deep):
+            return deep
+
+    torch.manual_seed(0)
+    model = Stage1Classifier(Taps(), 2, use_ibm=False).eval()
+    with torch.no_grad():
+        model.ic1.bias.fill_(100.0)   # a bias this large would make the map flat after peak normalisation
+        model.ic2.bias.fill_(-100.0)  # and this one would zero it
+    x = torch.randn(1, 4, 6, 6)
+    maps, _ = model.cams(x)
+    for head, cam in zip(model.heads, maps):
+        assert torch.allclose(cam, torch.relu(nn.functional.conv2d(x, head.weight)))
+
+
+# ------------------------------------------------------------------------------------- background
+def test_without_background_unclaimed_pixels_are_ignore_never_a_tissue():
+    cams = torch.zeros(1, 3, 2, 3)
+    cams[0, 0, 0, 0] = 1.0
+    masks = cams_to_masks(cams, torch.tensor([[1, 1, 0]]), background_index=None)
+    assert masks[0, 0, 0] == 0 and (masks[0].flatten()[1:] == IGNORE_INDEX).all()
+    assert (claim_unclaimed(masks, None) == masks).all()
+    assert (claim_unclaimed(masks, 2)[0].flatten()[1:] == 2).all()
+
+
+def test_overlay_and_dice_follow_the_background_setting():
+    image = np.full((1, 3, 3), 100, np.uint8)
+    mask = np.array([[0, 1, IGNORE_INDEX]])
+    palette = [[255, 0, 0], [0, 0, 255]]
+    kept = overlay(image, mask, palette, background=0)
+    assert kept[0, 0].tolist() == [100, 100, 100] and kept[0, 1].tolist() != [100, 100, 100]
+    every = overlay(image, mask, palette, background=None)
+    assert every[0, 0].tolist() != [100, 100, 100] and every[0, 2].tolist() == [100, 100, 100]
+
+    probs = torch.tensor([[[[0.9]], [[0.1]]]])  # class 0 predicted, truth is class 0
+    target = torch.zeros(1, 1, 1, dtype=torch.long)
+    assert soft_dice_loss(probs, target, 255, background=None) < soft_dice_loss(probs, target, 255, background=0)
+    loss = IICBLoss(background=None)
+    assert loss.background is None
+
+
+def test_slide_glass_is_ignore_without_a_background_class():
+    from utils.slide import Resolution, segment_slide
+
+    class Glass:
+        dimensions, level_downsamples, mpp = (256, 256), (1.0,), None
+
+        def read(self, x, y, level, width, height):
+            out = np.full((height, width, 3), 245, np.uint8)
+            out[max(0, 64 - y):max(0, 128 - y), max(0, 64 - x):max(0, 128 - x)] = (180, 80, 150)
+            return out
+
+    def predict(images):
+        return torch.ones(len(images), 3, 64, 64)
+
+    for background, glass_value in ((0, 0), (None, IGNORE_INDEX)):
+        result = segment_slide(Glass(), predict, 3, 64, 0.25, 4, Resolution(0, 1.0), 4.0, background=background)
+        assert result.mask[-1, -1] == glass_value
+        assert result.probabilities[:, -1, -1].sum() == (1.0 if background is not None else 0.0)
+
+
+# ---------------------------------------------------------------------------------- post-processing
+def ring(size=24):
+    mask = np.zeros((size, size), np.uint8)
+    mask[4:20, 4:20] = 1
+    mask[8:16, 8:16] = 0
+    return mask
+
+
+def test_probabilities_agree_with_a_filled_mask():
+    mask = ring()
+    probs = np.stack([mask == 0, mask == 1]).astype(np.float32) * 0.8 + 0.1
+    filled, probs = fill_holes_with_probabilities(mask, probs, [1])
+    assert (filled[8:16, 8:16] == 1).all()
+    assert (probs.argmax(axis=0) == filled).all() and probs[1, 10, 10] == 1.0
+
+
+class RingModel(nn.Module):
+    """A segmenter that predicts a gland ring (a gland with an empty lumen) in every window it sees."""
+
+    def forward(self, x):
+        gland = torch.from_numpy(np.pad(ring(), ((0, x.shape[-2] - 24), (0, x.shape[-1] - 24)))).float()
+        logits = torch.stack([1 - gland, gland])[None].expand(len(x), -1, -1, -1)
+        return logits * 4.0
+
+
+def test_stage2_scores_raw_masks_and_post_processed_masks_apart(tmp_path):
+    stage2 = load_script("2_train_stage2")
+    truth = ring()
+    truth[8:16, 8:16] = 1  # the truth's gland includes its lumen
+    items = write_split(tmp_path / "test", truth)
+    cfg = load_config(None, ["postprocess.fill_holes=[gland]", "stage2.window=32", "stage2.overlap=0"])
+    folders = (tmp_path / "predictions", tmp_path / "overlays")
+    raw, cleaned = stage2.evaluate(RingModel(), items, cfg, CPU, folders, postprocess=True)
+    assert scores(raw)["iou"][1] == pytest.approx(192 / 256)
+    assert scores(cleaned)["iou"][1] == 1.0
+    saved = np.asarray(Image.open(tmp_path / "predictions" / "a.png"))
+    assert (saved == ring()).all()  # what is saved is the network's own mask
+    _, none = stage2.evaluate(RingModel(), items, cfg, CPU)
+    assert none is None  # per-epoch validation: no post-processing at all
+
+
+# ------------------------------------------------------------------------ scoring a labelled folder
+def test_inference_scores_a_labelled_folder(tmp_path):
+    import inference
+    from models.dpr import DPR
+    model = DPR("resnet10t", 2)
+    with torch.no_grad():  # a model that says 'gland' everywhere
+        model.main_head[-1].weight.zero_()
+        model.main_head[-1].bias.copy_(torch.tensor([0.0, 4.0]))
+    meta = {"encoder": "resnet10t", "classes": ["background", "gland"], "palette": [[239, 239, 239], [190, 61, 42]],
+            "mean": [0.5] * 3, "std": [0.25] * 3, "window": 32, "overlap": 0.25, "background": 0, "fill_holes": [1]}
+    checkpoint = tmp_path / "best.pth"
+    torch.save({"format": "ibdr-stage2", "model": model.state_dict(), "meta": meta}, checkpoint)
+    rng = np.random.default_rng(0)
+    truths = {"a": np.zeros((20, 30), np.uint8), "b": np.zeros((40, 40), np.uint8)}
+    truths["a"][:, :15] = 255
+    truths["b"][:10] = 255
+    for stem, truth in truths.items():
+        save_png(tmp_path / "tiles" / f"{stem}.png", rng.integers(0, 255, truth.shape + (3,), np.uint8))
+        save_png(tmp_path / "masks" / f"{stem}_anno.png", truth)  # raw 0/255 masks, told apart automatically
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(checkpoint), "--input", str(tmp_path / "tiles"), "--output", str(out),
+            "--masks", str(tmp_path / "masks"), "--mask-suffix", "_anno", "--device", "cpu"]
+    assert inference.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    gland = 20 * 15 + 10 * 40
+    total = 20 * 30 + 40 * 40
+    assert metrics["mask_encoding"] == "binary255" and metrics["images"] == ["a.png", "b.png"]
+    assert metrics["input"]["iou"] == pytest.approx([0.0, gland / total])
+    assert metrics["input"]["pixel_acc"] == pytest.approx(gland / total)
+    assert "postprocessed" not in metrics
+    import csv
+    with open(out / "summary.csv", newline="") as handle:
+        rows = {row["file"]: row for row in csv.DictReader(handle)}
+    assert float(rows["a.png"]["iou_gland"]) == pytest.approx(0.5) and rows["a.png"]["iou_background"] == "0.0000"
+    assert float(rows["b.png"]["miou"]) == pytest.approx(0.125)
+
+
+def test_pipeline_inference_reads_the_config_settings():
+    pipeline = load_script("run_pipeline")
+    cfg = load_config(None, ["inference.window=48", "inference.overlap=0.5", "inference.batch_size=3"])
+    argv = pipeline.inference_argv(cfg, Path("best.pth"), Path("imgs"))
+    assert argv[argv.index("--window") + 1] == "48" and argv[argv.index("--overlap") + 1] == "0.5"
+    assert argv[argv.index("--batch-size") + 1] == "3"
+    default = pipeline.inference_argv(load_config(None), Path("best.pth"), Path("imgs"))
+    assert "--window" not in default and "--overlap" not in default  # the checkpoint's own
+
+
+def test_paper_configs_train_stage2_on_patches_at_their_own_size():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        if not cfg.data.demo:
+            assert cfg.stage2.crop_size <= cfg.prepare.patch_size, path.name
+
+
+# ------------------------------------------------------------------------- four classes, no background
+def test_multiclass_demo_without_background_end_to_end_and_report(tmp_path, capsys):
+    """configs/demo_multiclass.yaml as shipped: four tissue classes, no background class, white gaps ignored."""
+    pipeline, report = load_script("run_pipeline"), load_script("report")
+    argv = ["--config", str(ROOT / "configs" / "demo_multiclass.yaml"), "--set", f"data.root={tmp_path / 'data'}",
+            "--set", f"runs_dir={tmp_path / 'runs'}", "--set", "device=cpu",
+            "--set", "data.test_splits=[test, test_b]"]
+    assert pipeline.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test split 'test_b' is not in" in printed  # named in the YAML, absent on disk: one line, skipped
+    run = tmp_path / "runs" / "demo_multiclass"
+    metrics = json.loads((run / "stage2" / "metrics.json").read_text())
+    assert set(metrics["images"]) == {"val", "test"}
+    assert not set(metrics["images"]["val"]) & set(metrics["images"]["test"])
+
+    truths = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "data" / "test" / "mask").iterdir())]
+    assert any((t == IGNORE_INDEX).any() for t in truths)
+    constant = max(scores(sum(confusion_matrix(np.full_like(t, c), t, 4) for t in truths))["miou"] for c in range(4))
+    assert metrics["test"]["miou"] > constant + 0.2, (metrics["test"]["miou"], constant)
+    pseudo = np.concatenate([np.asarray(Image.open(p)).ravel() for p in (tmp_path / "data" / "train" / "pseudo_mask")
+                             .glob("*.png")])
+    assert set(np.unique(pseudo)) <= {0, 1, 2, 3, IGNORE_INDEX} and (pseudo != IGNORE_INDEX).mean() > 0.5
+
+    assert report.main([str(run)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {100 * metrics['test']['miou']:.1f} |" in table
+    assert "stage 1: CAM pseudo-masks" in table and "chosen on val" in table and "Wall time: " in table
