@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.classifier import Stage1Classifier, build_backbone
-from utils.cam import cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam
+from utils.cam import cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam, normalise_cams, refine_cams
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir
@@ -25,11 +25,12 @@ from utils.cuda_graphs import TrainStep
 from utils.data import (ClassificationSet, check_split_masks, load_pair, split_items, test_splits, train_items,
                         training_loader)
 from utils.files import BackgroundWriter, write_json
-from utils.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png
+from utils.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png, write_rgb
 from utils.metrics import confusion_matrix, scores
 from utils.postprocess import class_indices, describe, fill_holes
 from utils.provenance import RUN_RECORD, StepTimer
 from utils.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
+from utils.stitch import VoteStitcher, patch_votes, whole_image_dir
 from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
                             restore_scaler, rng_state, set_rng_state, set_poly_lr,
@@ -98,7 +99,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         raise TrainingError(f"stage1.batch_size={s1.batch_size} is not divisible by the {runtime.world_size} "
                             "processes; choose a multiple of the process count.")
     per_rank_batch = s1.batch_size // runtime.world_size
-    dataset = ClassificationSet(items, s1.image_size, cfg.data.mean, cfg.data.std, augment=True, seed=cfg.seed)
+    dataset = ClassificationSet(items, s1.image_size, cfg.data.mean, cfg.data.std, augment=True, seed=cfg.seed,
+                                jitter=(s1.hed_jitter, s1.color_jitter))
     loader = training_loader(dataset, per_rank_batch, runtime, cfg.seed)
     freeze_stem(model, s1)
     if s1.freeze_bn:
@@ -201,6 +203,20 @@ class TileSet(torch.utils.data.Dataset):
         return tensor, torch.from_numpy(self.items[index].label), torch.tensor(image.shape[:2]), index
 
 
+def class_maps(model, images, out_size, labels, s1, runtime):
+    """The class maps that decide a pseudo-mask: multi-layer CAMs (over the configured scales and flips) at
+    out_size, each class scaled to [0, 1] and kept only where the label has it, then refined along colour
+    edges when stage1.cam_refine_iterations asks. labels None: predicted from the image (threshold).
+    Returns (maps N x C x H x W, labels N x C)."""
+    with runtime.autocast():
+        cams, probabilities = multi_layer_cam(model, images, out_size, s1.cam_weights, s1.cam_scales, s1.cam_flip)
+    if labels is None:
+        labels = (probabilities > s1.label_threshold).float()
+    maps = normalise_cams(cams) * labels.to(cams.device, torch.float32)[:, :, None, None]
+    maps = refine_cams(maps, images, s1.cam_refine_iterations, s1.cam_refine_dilations, s1.cam_refine_colour_scale)
+    return maps, labels
+
+
 def pseudo_mask_confusion(mask, truth, num_classes):
     """Training pseudo-masks as stage 2 learns from them: pixels a pseudo-mask leaves unlabelled (ignore)
     are not scored, since stage 2 does not learn from them. (Whole val/test images count every pixel.)"""
@@ -213,7 +229,10 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
     s1, classes = cfg.stage1, cfg.data.classes
     folder = pseudo_mask_dir(cfg)
     previous = read_manifest(folder)
-    reuse = (not overwrite and previous is not None and previous.get("checkpoint_sha256") == checkpoint_sha)
+    stitcher = VoteStitcher(items, len(classes)) if s1.stitch_whole_images else None
+    # stitching needs every patch's class maps, so nothing is kept from before
+    reuse = (not overwrite and stitcher is None and previous is not None
+             and previous.get("checkpoint_sha256") == checkpoint_sha)
     todo = [i for i, item in enumerate(items)
             if not (reuse and (folder / pseudo_mask_name(item.image)).is_file())]
     runtime.barrier()  # every rank has read the old manifest before rank 0 replaces it
@@ -237,9 +256,8 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
             images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             uniform = bool((sizes == sizes[0]).all())
             try:
-                with runtime.autocast():
-                    cams, _ = multi_layer_cam(model, images, tuple(sizes[0].tolist()) if uniform
-                                              else images.shape[-2:], s1.cam_weights, s1.cam_scales, s1.cam_flip)
+                cams, _ = class_maps(model, images, tuple(sizes[0].tolist()) if uniform else images.shape[-2:],
+                                     labels, s1, runtime)
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage1.cam_batch_size")) from None
             background = background_index(classes, cfg.data.background)
@@ -247,12 +265,17 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
             heat = heatmap_of(cams, labels, background)
             fill = class_indices(classes, s1.pseudo_mask_fill_holes)
             masks, heat = masks.cpu().numpy(), heat.cpu().numpy()
+            votes = patch_votes(cams, labels.to(cams.device)).cpu().numpy() if stitcher else None
             for row, index in enumerate(indices.tolist()):
                 item, mask = items[index], masks[row]
                 if not uniform:
                     import cv2
                     height, width = sizes[row].tolist()
                     mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+                    if stitcher:
+                        votes_row = np.stack([cv2.resize(v, (width, height)) for v in votes[row]])
+                if stitcher:
+                    stitcher.add(item, votes_row if not uniform else votes[row])
                 mask = fill_holes(mask, fill)
                 writer.submit(write_palette_png, folder / pseudo_mask_name(item.image), mask, cfg.data.palette)
                 if item.mask is not None:
@@ -273,11 +296,35 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
             if truth.shape == mask.shape:
                 confusion += pseudo_mask_confusion(mask, truth, len(classes))
     confusion = runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
+    if stitcher:
+        write_whole_images(cfg, stitcher, runtime, checkpoint_sha)
     runtime.barrier()
     if runtime.is_main:
         write_manifest(folder, checkpoint_sha, cfg.name, classes,
                        [pseudo_mask_name(item.image) for item in items], complete=True)
     return confusion, samples, len(kept)
+
+
+def write_whole_images(cfg, stitcher, runtime, checkpoint_sha):
+    """The training images put back together from their patches, with pseudo-masks from the patches'
+    stitched class maps (whole/img and whole/mask beside the patch pseudo-masks)."""
+    stitcher.reduce(runtime)
+    if not runtime.is_main:
+        return
+    classes = cfg.data.classes
+    folder = whole_image_dir(pseudo_mask_dir(cfg))
+    write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, [], complete=False)
+    background = background_index(classes, cfg.data.background)
+    fill = class_indices(classes, cfg.stage1.pseudo_mask_fill_holes)
+    names = []
+    with BackgroundWriter() as writer:
+        for stem in tqdm(stitcher.stems(), desc="whole images", leave=False):
+            mask = fill_holes(stitcher.mask(stem, background), fill)
+            writer.submit(write_rgb, folder / "img" / f"{stem}.png", stitcher.image(stem))
+            writer.submit(write_palette_png, folder / "mask" / f"{stem}.png", mask, cfg.data.palette)
+            names.append(f"{stem}.png")
+    write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, names, complete=True)
+    print(f"{len(names)} whole training images and their stitched pseudo-masks written to {folder}")
 
 
 @torch.no_grad()
@@ -295,10 +342,7 @@ def score_whole_images(cfg, model, split_list, runtime, scale):
     for item in tqdm(runtime.shard(split_list), desc="scoring CAMs", disable=not runtime.is_main, leave=False):
         image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
         tensor = network_input(image, scale, cfg.data.mean, cfg.data.std)[None].to(runtime.device)
-        with runtime.autocast():
-            cams, probabilities = multi_layer_cam(model, tensor, truth.shape, s1.cam_weights, s1.cam_scales,
-                                                  s1.cam_flip)
-        labels = (probabilities > s1.label_threshold).float()
+        cams, labels = class_maps(model, tensor, truth.shape, None, s1, runtime)
         mask = claim_unclaimed(cams_to_masks(cams, labels, background), background)[0].cpu().numpy()
         confusion[0] += confusion_matrix(mask, truth, num_classes, count_unclaimed=True)
         if fill:

@@ -23,16 +23,17 @@ from utils.cuda_graphs import TrainStep
 from utils.data import (SegmentationSet, check_split_masks, load_pair, median_image_size, split_items, test_splits,
                         train_items, training_loader)
 from utils.files import BackgroundWriter, write_json
-from utils.imageio import DataError, colorize, overlay, read_mask, write_palette_png, write_rgb
+from utils.imageio import DataError, colorize, list_images, overlay, read_mask, write_palette_png, write_rgb
 from utils.losses import IICBLoss
 from utils.metrics import confusion_matrix, scores
 from utils.postprocess import class_indices, describe, fill_holes
-from utils.predict import predict_mask, segmenter_meta
+from utils.predict import FlipAveraged, predict_mask, segmenter_meta
 from utils.provenance import RUN_RECORD, StepTimer
 from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
+from utils.stitch import whole_image_dir
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
-from utils.training import (CsvLog, TrainingError, check_finite, out_of_memory_message, restore_scaler,
-                            rng_state, sgd, set_poly_lr, set_rng_state)
+from utils.training import (CsvLog, TrainingError, WeightAverage, check_finite, out_of_memory_message,
+                            restore_scaler, rng_state, set_poly_lr, set_rng_state, sgd)
 from utils.visualize import contact_sheet
 
 
@@ -52,6 +53,15 @@ def training_pairs(cfg):
     folder = pseudo_mask_dir(cfg)
     stage1_checkpoint = run_dir(cfg, "stage1") / "checkpoint.pth"
     expected_sha = file_sha256(stage1_checkpoint) if stage1_checkpoint.is_file() else None
+    if s2.train_on == "whole_images":
+        whole = whole_image_dir(folder)
+        if not (whole / "img").is_dir():
+            raise DataError(f"no whole training images in {whole}; stage2.train_on: whole_images needs stage 1 "
+                            "run with stage1.stitch_whole_images: true.")
+        images = list_images(whole / "img")
+        check_pseudo_masks(whole / "mask", images, expected_sha, s2.accept_foreign_pseudo_masks)
+        images = images[:s2.max_train_images] if s2.max_train_images is not None else images
+        return images, [whole / "mask" / pseudo_mask_name(path) for path in images], "index"
     check_pseudo_masks(folder, [i.image for i in items], expected_sha, s2.accept_foreign_pseudo_masks)
     if s2.max_train_images is not None:
         items = items[:s2.max_train_images]
@@ -61,7 +71,8 @@ def training_pairs(cfg):
 def build_segmenter(cfg):
     s2 = cfg.stage2
     try:
-        model = DPR(s2.encoder, len(cfg.data.classes), pretrained=s2.pretrained)
+        model = DPR(s2.encoder, len(cfg.data.classes), pretrained=s2.pretrained, refine=s2.refinement_attention,
+                    aux=s2.aux_path)
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise ConfigError(f"stage2.encoder: {error}") from None
@@ -87,13 +98,14 @@ def evaluate(model, items, cfg, runtime, save_dirs=None, postprocess=False):
     s2, num_classes = cfg.stage2, len(cfg.data.classes)
     fill = class_indices(cfg.data.classes, cfg.postprocess.fill_holes) if postprocess else []
     background = background_index(cfg.data.classes, cfg.data.background)
+    net = FlipAveraged(model) if s2.tta_flip else model
     confusion = np.zeros((2, num_classes, num_classes), dtype=np.int64)
     model.eval()
     with BackgroundWriter() as writer:
         for item in tqdm(runtime.shard(items), desc="evaluating", leave=False, disable=not runtime.is_main):
             image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
             try:
-                mask = predict_mask(model, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
+                mask = predict_mask(net, image, runtime, s2.window, s2.overlap, s2.eval_batch_size,
                                     cfg.data.mean, cfg.data.std, num_classes)
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage2.eval_batch_size")) from None
@@ -135,6 +147,8 @@ def segmenter_train_step(trainer, model, criterion, aux_weight, runtime, scaler=
         with runtime.autocast():
             outputs = trainer(images)
         main_loss, _ = criterion(outputs["main"].float(), masks)
+        if outputs["aux"] is None:
+            return (main_loss,)
         aux_loss, _ = criterion(outputs["aux"].float(), masks)
         return (main_loss + aux_weight * aux_loss,)
 
@@ -160,7 +174,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     images, masks, encoding = training_pairs(cfg)
     check_crop_size(s2.crop_size, images)
     dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
-                              len(cfg.data.classes), augment=True, seed=cfg.seed)
+                              len(cfg.data.classes), augment=True, seed=cfg.seed,
+                              jitter=(s2.hed_jitter, s2.color_jitter), crops_per_image=s2.crops_per_image)
     loader = training_loader(dataset, per_rank_batch, runtime, cfg.seed)
     if runtime.is_main:
         print(f"stage 2 on {len(dataset)} images with {'ground-truth' if encoding != 'index' or s2.train_masks == 'ground_truth' else 'pseudo'} masks")
@@ -179,6 +194,9 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "val_miou", "val_mdice", "lr", "seconds"],
                  keep_existing=resume)
     scaler = runtime.grad_scaler()
+    # the model that is evaluated and kept: the weights' moving average when stage2.ema_decay asks for one
+    average = WeightAverage(model, s2.ema_decay) if s2.ema_decay else None
+    kept = average.model if average else model
     start_epoch, step, best = 0, 0, -1.0
     last_path, best_path = out_dir / "last.pth", out_dir / "best.pth"
     if resume and last_path.is_file():
@@ -187,6 +205,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         restore_scaler(scaler, state)
+        if average is not None and state.get("ema"):
+            average.load_state_dict(state["ema"])
         start_epoch, step, best = state["epoch"], state["step"], state["best_miou"]
         log.truncate(start_epoch)
         if runtime.is_main:
@@ -222,13 +242,16 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             check_finite(loss_value, epoch, step, f"the last good checkpoint is {last_path}")
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update(model)
             step += 1
             loss_sum, seen = loss_sum + loss_value * len(batch), seen + len(batch)
             bar.set_postfix(loss=f"{loss_value:.4f}")
         runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) the same BatchNorm statistics
+        runtime.broadcast_buffers(kept)
         loss_sum, seen = runtime.all_reduce_sum(
             torch.tensor([loss_sum, seen], dtype=torch.float64, device=runtime.device)).tolist()
-        values = scores(evaluate(model, val_items, cfg, runtime)[0])
+        values = scores(evaluate(kept, val_items, cfg, runtime)[0])
         improved = values["miou"] > best
         best = max(best, values["miou"])
         row = {"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5), "val_miou": round(values["miou"], 5),
@@ -239,12 +262,13 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             tqdm.write(f"stage 2 epoch {row['epoch']}: loss {row['loss']}, val mIoU {row['val_miou']}"
                        + (" (best so far)" if improved else ""))
             if improved:
-                save_stage2(best_path, model, cfg, {"epoch": epoch + 1, "val_miou": values["miou"]})
-                save_safetensors(out_dir / "best.safetensors", model.state_dict(), STAGE2_FORMAT,
+                save_stage2(best_path, kept, cfg, {"epoch": epoch + 1, "val_miou": values["miou"]})
+                save_safetensors(out_dir / "best.safetensors", kept.state_dict(), STAGE2_FORMAT,
                                  segmenter_meta(cfg))
             save_stage2(last_path, model, cfg, {"epoch": epoch + 1, "step": step, "best_miou": best,
                                                 "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                                                "scaler": scaler.state_dict()})
+                                                "scaler": scaler.state_dict(),
+                                                "ema": average.state_dict() if average else None})
         runtime.barrier()
     return best_path
 

@@ -2,6 +2,7 @@
 
     python report.py runs/glas_cpu            # one run: every split, with and without post-processing
     python report.py runs/glas_cpu runs/demo  # several runs, one table each
+    python report.py runs/glas_cpu_ablation   # the ablation table written by ablate.py
 
 Reads each stage's config.yaml, metrics.json, run.json (wall time, hardware) and log.csv, and the data
 root's prepare_summary.json, and prints Markdown: the rows the README shows, with the command that made
@@ -158,12 +159,55 @@ def render_run(run, command):
     return "\n".join(text)
 
 
+def load_ablation(folder):
+    """An ablation folder written by ablate.py: its plan, and each finished row's stage files."""
+    folder = Path(folder)
+    plan = read_json(folder / "ablation.json")
+    rows = []
+    for row in plan["rows"]:
+        stage_folder = folder / row["key"] / row["stage"]
+        rows.append({**row, **(load_stage(stage_folder) if (stage_folder / "metrics.json").is_file()
+                               else {"metrics": None, "run": None, "config": None, "log": []})})
+    return {"folder": folder, "plan": plan, "rows": rows}
+
+
+def render_ablation(ablation, command):
+    """The ablation table: val mIoU and Dice of every row (pseudo-mask scores for stage-1 rows), its wall time."""
+    plan = ablation["plan"]
+    schedule = plan["schedule"]
+    header = ["row", "train pseudo-mask mIoU", "val mIoU", "val Dice", "wall time"]
+    rows, total, hardware = [], 0.0, None
+    for row in ablation["rows"]:
+        metrics, record = row["metrics"], row["run"]
+        if metrics is None:
+            rows.append([row["label"], "–", "not run", "–", "–"])
+            continue
+        train = percent(metrics["train"]["miou"]) if row["stage"] == "stage1" and "train" in metrics else ""
+        val = metrics.get("val")
+        seconds = record["seconds"] if record else None
+        total += seconds or 0.0
+        hardware = hardware or (describe_hardware(record["hardware"]) if record else None)
+        rows.append([row["label"], train, percent(val["miou"]) if val else "–", percent(val["mdice"]) if val else "–",
+                     minutes(seconds) if seconds is not None else "–"])
+    text = [f"### Ablation: {plan['config']}", "", f"`{command}`", "", markdown(header, rows), "",
+            f"Schedule of every row: stage 1 {schedule['stage1_epochs']} epochs, stage 2 {schedule['stage2_epochs']} "
+            f"epochs (shorter than the config's own); stage-2 rows learn from the pseudo-masks of "
+            f"'{plan['source_row']}'. Validation images only; no test split is scored.",
+            f"Total wall time {minutes(total)} on {hardware or 'unrecorded hardware'}.", ""]
+    return "\n".join(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders (runs/<name>) with stage1/ and stage2/ in them")
+    parser.add_argument("runs", nargs="+", help="run folders (runs/<name>) with stage1/ and stage2/ in them, or "
+                                                "ablation folders written by ablate.py")
     args = parser.parse_args(argv)
     for folder in args.runs:
-        print(render_run(load_run(folder), f"python report.py {folder}"))
+        command = f"python report.py {folder}"
+        if (Path(folder) / "ablation.json").is_file():
+            print(render_ablation(load_ablation(folder), command))
+        else:
+            print(render_run(load_run(folder), command))
     return 0
 
 

@@ -78,10 +78,11 @@ class DPR(nn.Module):
     """Segmentation network; `pretrained` is False, True (timm hub weights) or a local weight file.
 
     forward(x) returns {"main", "aux"} logits in training mode and the main logits in eval mode, both at
-    the input's height and width.
+    the input's height and width. `refine` and `aux` switch off the refinement attention and the auxiliary
+    path (for ablations); training then returns "aux" None.
     """
 
-    def __init__(self, encoder: str, num_classes: int, pretrained=False):
+    def __init__(self, encoder: str, num_classes: int, pretrained=False, refine=True, aux=True):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"DPR needs at least 2 classes, got num_classes={num_classes}.")
@@ -99,12 +100,12 @@ class DPR(nn.Module):
             nn.Dropout2d(0.2),
             nn.Conv2d(512, num_classes, 3, padding=1),
         )
-        self.refine = RefinementAttention(num_classes)
+        self.refine = RefinementAttention(num_classes) if refine else nn.Identity()
         self.aux_head = nn.Sequential(
             conv_bn_relu(channels, 256, 3),
             nn.Dropout2d(0.1),
             nn.Conv2d(256, num_classes, 1),
-        )
+        ) if aux else None
 
     def forward(self, x):
         size = x.shape[-2:]
@@ -113,5 +114,5 @@ class DPR(nn.Module):
         main = self.refine(upsample(main, size))
         if not self.training:
             return main
-        aux = upsample(self.aux_head(features), size)
+        aux = upsample(self.aux_head(features), size) if self.aux_head is not None else None
         return {"main": main, "aux": aux}

@@ -267,3 +267,24 @@ def test_multiclass_demo_without_background_end_to_end_and_report(tmp_path, caps
     table = capsys.readouterr().out
     assert f"| {100 * metrics['test']['miou']:.1f} |" in table
     assert "stage 1: CAM pseudo-masks" in table and "chosen on val" in table and "Wall time: " in table
+
+
+def test_ablation_rows_share_stage1_score_val_only_and_make_a_table(tmp_path, capsys):
+    from conftest import TINY_DEMO
+    ablate = load_script("ablate")
+    overrides = [o for o in TINY_DEMO if not o.startswith(("stage1.epochs", "stage2.epochs"))]
+    overrides += [f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}"]
+    argv = ["--config", str(ROOT / "configs" / "demo.yaml"), *[p for o in overrides for p in ("--set", o)],
+            "--rows", "no_eta", "no_aux", "--stage1-epochs", "1", "--stage2-epochs", "1"]
+    assert ablate.main(argv) == 0
+    folder = tmp_path / "runs" / "demo_ablation"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["no_aux", "no_eta", "stage1_ibm"]
+    for row in ("no_eta", "no_aux"):
+        metrics = json.loads((folder / row / "stage2" / "metrics.json").read_text())
+        assert set(metrics["images"]) == {"val"}  # no test split is ever scored by an ablation
+        config = (folder / row / "stage2" / "config.yaml").read_text()
+        assert str(folder / "stage1_ibm" / "pseudo_mask") in config
+    assert "aux_path: false" in (folder / "no_aux" / "stage2" / "config.yaml").read_text()
+    printed = capsys.readouterr().out
+    assert "stage 2: IICB without eta (soft Dice)" in printed and "stage 1: CAMs with IBM" in printed
+    assert "stage 1 1 epochs, stage 2 1 epochs" in printed

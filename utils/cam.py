@@ -82,3 +82,50 @@ def claim_unclaimed(masks, background_index):
     if background_index is None:
         return masks
     return torch.where(masks == IGNORE_INDEX, torch.full_like(masks, background_index), masks)
+
+
+def neighbour_offsets(dilations):
+    """(dy, dx) of the 8 neighbours at each dilation, and the pixel itself."""
+    offsets = [(0, 0)]
+    for d in dilations:
+        offsets += [(dy * d, dx * d) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    return offsets
+
+
+def _views(tensor, offsets, pad):
+    """The tensor seen from each offset (borders replicated): a list of K views of one padded copy."""
+    height, width = tensor.shape[-2:]
+    padded = F.pad(tensor, (pad, pad, pad, pad), mode="replicate")
+    return [padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width] for dy, dx in offsets]
+
+
+@torch.no_grad()
+def refine_cams(cams, images, iterations=10, dilations=(1, 2, 4, 8), colour_scale=0.3):
+    """Training-free refinement that lets class maps spread along colour, not across colour edges.
+
+    Each pixel's affinity to its neighbours (8 directions at each dilation, and itself) is a softmax over
+    -(colour difference / (colour_scale * local colour spread))^2; the maps are then averaged over those
+    affinities `iterations` times (pixel-adaptive refinement, after Ru et al., CVPR 2022). A map that is zero
+    on a whole image stays zero, so a class absent from a tile's label is never brought into it.
+
+    cams: N x C x H x W (>= 0); images: N x 3 x h x w in any normalisation, resized here to H x W.
+    """
+    if iterations <= 0:
+        return cams
+    height, width = cams.shape[-2:]
+    images = F.interpolate(images.float(), size=(height, width), mode="bilinear", align_corners=False)
+    offsets = neighbour_offsets(dilations)
+    pad = max(dilations)
+    neighbours = torch.stack(_views(images, offsets, pad), dim=2)     # N x 3 x K x H x W
+    spread = neighbours.std(dim=2).mean(dim=1, keepdim=True) + 1e-4   # N x 1 x H x W
+    difference = (neighbours - images[:, :, None]).abs().mean(dim=1)  # N x K x H x W
+    del neighbours
+    affinity = torch.softmax(-(difference / (colour_scale * spread)) ** 2, dim=1)
+    weights = [affinity[:, k:k + 1] for k in range(len(offsets))]
+    refined = cams.float()
+    for _ in range(iterations):
+        total = torch.zeros_like(refined)
+        for view, weight in zip(_views(refined, offsets, pad), weights):
+            total.addcmul_(view, weight)
+        refined = total
+    return refined

@@ -83,6 +83,13 @@ DEFAULTS = {
         "cam_batch_size": 16,
         "samples": 6,                    # images in samples.png
         "pseudo_mask_fill_holes": [],    # class names whose enclosed holes are filled in the pseudo-masks
+        "stitch_whole_images": False,    # also put the training images back together from their patches,
+                                         # with pseudo-masks from the stitched class maps (stage2.train_on)
+        "cam_refine_iterations": 0,      # training-free CAM refinement along colour edges (0: off)
+        "cam_refine_dilations": [1, 2, 4, 8],
+        "cam_refine_colour_scale": 0.3,
+        "hed_jitter": 0.0,               # stain augmentation: haematoxylin/eosin strength jitter (0: off)
+        "color_jitter": 0.0,             # brightness, contrast and saturation jitter (0: off)
     },
     "stage2": {
         "encoder": "resnest200e",
@@ -104,6 +111,14 @@ DEFAULTS = {
         "train_masks": "pseudo",         # pseudo | ground_truth
         "max_train_images": None,
         "accept_foreign_pseudo_masks": False,
+        "refinement_attention": True,    # DPR's attention on the class logits (false: ablation)
+        "aux_path": True,                # DPR's auxiliary path and its loss (false: ablation)
+        "train_on": "patches",           # patches | whole_images (stitched by stage1.stitch_whole_images)
+        "crops_per_image": 1,            # random crops per training image and epoch
+        "tta_flip": False,               # average predictions over horizontal and vertical flips
+        "ema_decay": 0.0,                # exponential moving average of the weights (0: off), e.g. 0.999
+        "hed_jitter": 0.0,               # stain augmentation, as stage1.hed_jitter
+        "color_jitter": 0.0,
     },
     "inference": {                       # run_pipeline.py's inference step
         "batch_size": 16,
@@ -131,12 +146,14 @@ CHOICES = {
     "prepare.mode": ("glas", "generic"),
     "prepare.raw_mask_encoding": ("index", "binary255", "instance"),
     "stage2.train_masks": ("pseudo", "ground_truth"),
+    "stage2.train_on": ("patches", "whole_images"),
 }
-NON_NEGATIVE = ("stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size", "stage1.lr",
+NON_NEGATIVE = ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
+                "stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size", "stage1.lr",
                 "stage2.lr", "seed", "stage1.weight_decay", "stage2.weight_decay", "demo.train_images")
 POSITIVE = ("stage1.batch_size", "stage2.batch_size", "stage1.image_size", "stage2.crop_size",
             "stage2.window", "prepare.patch_size", "prepare.stride",
-            "stage1.cam_batch_size", "stage2.eval_batch_size", "inference.batch_size")
+            "stage1.cam_batch_size", "stage2.eval_batch_size", "inference.batch_size", "stage2.crops_per_image")
 
 
 # Keys of earlier versions, with where their setting lives now.
@@ -259,6 +276,10 @@ def _validate(cfg, source):
             raise ConfigError(f"{source}: '{key}' needs three numbers, one per classifier head.")
     if len(cfg["stage1"]["out_indices"]) != 3:
         raise ConfigError(f"{source}: 'stage1.out_indices' needs three stage indices.")
+    for key in ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
+                "stage2.ema_decay"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")
     for key in ("stage2.overlap", "inference.overlap"):
         if _get(cfg, key) is not None and not 0 <= _get(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, read_mask, read_mask_raw,
                            read_rgb)
-from utils.transforms import to_tensor
+from utils.transforms import stain_jitter, to_tensor
 
 _LABEL_GROUP = re.compile(r"^(?P<stem>.*)\[(?P<labels>[^\[\]]*)\]$")
 
@@ -185,11 +185,11 @@ def training_loader(dataset, per_rank_batch, runtime, seed):
 
 
 class ClassificationSet(Dataset):
-    """Stage 1: image resized to a square, random flips, image-level label."""
+    """Stage 1: image resized to a square, random flips (and stain jitter), image-level label."""
 
-    def __init__(self, items, image_size, mean, std, augment, seed=0):
+    def __init__(self, items, image_size, mean, std, augment, seed=0, jitter=(0.0, 0.0)):
         self.items, self.image_size, self.mean, self.std, self.augment = items, image_size, mean, std, augment
-        self.seed = seed
+        self.seed, self.jitter = seed, tuple(jitter)  # (hed, colour) strengths for stain_jitter
 
     def __len__(self):
         return len(self.items)
@@ -206,27 +206,33 @@ class ClassificationSet(Dataset):
                 image = image[:, ::-1]
             if rng.random() < 0.5:
                 image = image[::-1]
+            image = stain_jitter(image, rng, *self.jitter)
         return to_tensor(image, self.mean, self.std), torch.from_numpy(item.label), index
 
 
 class SegmentationSet(Dataset):
     """Stage 2: image + (pseudo or true) class-index mask, random crop of crop_size (padded with ignore)."""
 
-    def __init__(self, images, masks, crop_size, mean, std, encoding, num_classes, augment=True, seed=0):
-        self.images, self.masks, self.seed = images, masks, seed
+    def __init__(self, images, masks, crop_size, mean, std, encoding, num_classes, augment=True, seed=0,
+                 jitter=(0.0, 0.0), crops_per_image=1):
+        self.images, self.masks, self.seed, self.jitter = images, masks, seed, tuple(jitter)
+        self.crops_per_image = crops_per_image  # an epoch visits each image this many times
         self.crop_size, self.mean, self.std = crop_size, mean, std
         self.encoding, self.num_classes, self.augment = encoding, num_classes, augment
 
     def __len__(self):
-        return len(self.images)
+        return len(self.images) * self.crops_per_image
 
     def __getitem__(self, key):
         from utils.transforms import random_crop_pair
         rng, index = augmentation_rng(self.seed, key)
+        index //= self.crops_per_image
         image = read_rgb(self.images[index])
         mask = read_mask(self.masks[index], self.encoding, self.num_classes)
         if mask.shape != image.shape[:2]:
             raise DataError(f"{self.masks[index]}: mask size {mask.shape[::-1]} differs from its image "
                             f"{image.shape[1::-1]}.")
         image, mask = random_crop_pair(image, mask, self.crop_size, rng, self.augment)
+        if self.augment:
+            image = stain_jitter(image, rng, *self.jitter)
         return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64)), index

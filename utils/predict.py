@@ -1,6 +1,7 @@
 """Segmenting whole images with a stage-2 model: sliding windows on the device, class masks on the host."""
 import numpy as np
 import torch
+import torch.nn as nn
 
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint
 from utils.config import background_index
@@ -11,12 +12,28 @@ from utils.transforms import normalize_batch
 META_KEYS = ("encoder", "classes", "palette", "mean", "std", "window", "overlap")
 
 
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: a segmenter's logits averaged over the image, its horizontal flip and its
+    vertical flip (each flipped back), in eval mode."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        logits = self.model(x).float()
+        logits = logits + self.model(x.flip(-1)).float().flip(-1)
+        logits = logits + self.model(x.flip(-2)).float().flip(-2)
+        return logits / 3.0
+
+
 def segmenter_meta(cfg):
     """What a stage-2 model file carries so that inference needs nothing else."""
     return {"encoder": cfg.stage2.encoder, "classes": list(cfg.data.classes),
             "palette": [list(c) for c in cfg.data.palette], "mean": list(cfg.data.mean),
             "std": list(cfg.data.std), "window": cfg.stage2.window, "overlap": cfg.stage2.overlap,
             "background": background_index(cfg.data.classes, cfg.data.background),
+            "tta_flip": cfg.stage2.tta_flip, "refinement_attention": cfg.stage2.refinement_attention,
             # post-processing the data set's YAML defines; inference applies it only when asked to
             "fill_holes": class_indices(cfg.data.classes, cfg.postprocess.fill_holes)}
 
@@ -33,9 +50,12 @@ def load_segmenter(path, device):
     # Built without memory on the meta device, then given the file's tensors: random initialisation of
     # weights about to be replaced took most of the start-up time.
     with torch.device("meta"):
-        model = DPR(meta["encoder"], len(meta["classes"]), pretrained=False)
+        model = DPR(meta["encoder"], len(meta["classes"]), pretrained=False,
+                    refine=meta.get("refinement_attention", True), aux=False)
+    # the auxiliary path only trains: it is neither built nor loaded for prediction
+    weights = {name: tensor for name, tensor in payload["model"].items() if not name.startswith("aux_head.")}
     try:
-        model.load_state_dict(payload["model"], assign=True)
+        model.load_state_dict(weights, assign=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path}: its weights do not fit a {meta['encoder']} DPR "
                               f"({str(error).splitlines()[0][:200]}).") from None

@@ -133,3 +133,37 @@ def set_rng_state(state):
     random.setstate((saved["version"], tuple(saved["internal"]), saved["gauss_next"]))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics (a steadier model to
+    evaluate and keep than the last step's). The decay warms up as (1 + t) / (10 + t) so early averages are
+    not dominated by the random initialisation."""
+
+    def __init__(self, model, decay):
+        import copy
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    def _pairs(self, model):
+        mine = dict(self.model.state_dict(keep_vars=True))
+        return [(mine[name], tensor) for name, tensor in model.state_dict(keep_vars=True).items()]
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        floats = [(mine, theirs.detach()) for mine, theirs in self._pairs(model) if mine.is_floating_point()]
+        torch._foreach_lerp_([m for m, _ in floats], [t for _, t in floats], 1.0 - decay)
+        for mine, theirs in self._pairs(model):
+            if not mine.is_floating_point():
+                mine.copy_(theirs)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])

@@ -1,4 +1,5 @@
-"""Image <-> tensor conversion and the few augmentations the method uses (flips, crops)."""
+"""Image <-> tensor conversion and the augmentations: flips and crops (the method's), stain and colour
+jitter (optional, for models trained from scratch)."""
 import numpy as np
 import torch
 
@@ -38,3 +39,36 @@ def random_crop_pair(image, mask, size, rng, flip=True):
     if flip and rng.random() < 0.5:
         image, mask = image[::-1], mask[::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+# Ruifrok & Johnston's optical densities of haematoxylin, eosin and DAB (rows, unit length): the basis in
+# which H&E colour varies between labs and scanners.
+STAIN_BASIS = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]])
+STAIN_BASIS = STAIN_BASIS / np.linalg.norm(STAIN_BASIS, axis=1, keepdims=True)
+RGB_FROM_STAIN_INVERSE = np.linalg.inv(STAIN_BASIS)
+
+
+def stain_jitter(image, rng, hed=0.0, colour=0.0):
+    """An H&E image with its stains and colours jittered (H x W x 3 uint8 in, same out).
+
+    hed: each stain's concentration c becomes c * U(1 - hed, 1 + hed) + U(-hed, hed) * 0.1 (optical
+    density), in the haematoxylin-eosin-DAB basis; colour: brightness, contrast and saturation factors drawn
+    from U(1 - colour, 1 + colour). Only colours change, never positions, so a mask stays aligned.
+    """
+    if not hed and not colour:
+        return image
+    pixels = image.astype(np.float32)
+    if hed:
+        density = -np.log10(np.maximum(pixels, 1.0) / 255.0)
+        stains = density.reshape(-1, 3) @ RGB_FROM_STAIN_INVERSE.astype(np.float32)
+        scale = rng.uniform(1 - hed, 1 + hed, 3).astype(np.float32)
+        shift = rng.uniform(-hed, hed, 3).astype(np.float32) * 0.1
+        density = (stains * scale + shift) @ STAIN_BASIS.astype(np.float32)
+        pixels = 255.0 * np.power(10.0, -density).reshape(image.shape)
+    if colour:
+        brightness, contrast, saturation = rng.uniform(1 - colour, 1 + colour, 3)
+        pixels = pixels * brightness
+        pixels = (pixels - pixels.mean()) * contrast + pixels.mean()
+        grey = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        pixels = (pixels - grey[..., None]) * saturation + grey[..., None]
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)

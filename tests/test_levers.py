@@ -1,0 +1,116 @@
+"""The optional levers of a from-scratch recipe do what they claim, mechanically: stain jitter moves colours
+and nothing else, CAM refinement never brings in a class the label lacks, stitched whole-image maps equal
+the patch maps where one patch covers a pixel, and the averaged model and flip averaging are what they say."""
+import numpy as np
+import torch
+import torch.nn as nn
+
+from conftest import save_png
+from utils.cam import cams_to_masks, refine_cams
+from utils.data import Item, SegmentationSet
+from utils.predict import FlipAveraged
+from utils.stitch import VoteStitcher, patch_votes
+from utils.training import WeightAverage
+from utils.transforms import stain_jitter
+
+
+def test_stain_jitter_changes_colours_and_keeps_masks_aligned(tmp_path):
+    rng = np.random.default_rng(0)
+    image = np.full((40, 40, 3), 235, np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[8:20, 5:30] = 1
+    image[mask == 1] = (120, 40, 140)  # a dark purple block on pale background: its edges show alignment
+    save_png(tmp_path / "img.png", image)
+    save_png(tmp_path / "mask.png", mask)
+    args = ([tmp_path / "img.png"], [tmp_path / "mask.png"], 32, [0, 0, 0], [1, 1, 1], "index", 2)
+    plain = SegmentationSet(*args, seed=3)
+    jittered = SegmentationSet(*args, seed=3, jitter=(0.2, 0.2))
+    changed = 0
+    for key in [(epoch, 0) for epoch in range(8)]:
+        image_a, mask_a, _ = plain[key]
+        image_b, mask_b, _ = jittered[key]
+        assert torch.equal(mask_a, mask_b)  # the same crop and flips
+        dark = image_b.mean(dim=0) < image_b.mean()
+        assert torch.equal(dark, mask_b == 1)  # the jittered image's block is exactly where its mask says
+        changed += int(not torch.equal(image_a, image_b))
+    assert changed == 8
+    assert np.array_equal(stain_jitter(image, rng, 0.0, 0.0), image)
+
+
+def test_refinement_never_brings_in_a_class_the_label_lacks():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 24, 24)
+    maps = torch.rand(2, 3, 24, 24)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    refined = refine_cams(maps * labels[:, :, None, None], images, iterations=20, dilations=(1, 2, 4))
+    assert (refined[0, 1] == 0).all() and (refined[1, 0] == 0).all() and (refined[1, 2] == 0).all()
+    masks = cams_to_masks(refined, labels)
+    assert not (masks[0] == 1).any() and (masks[1] == 1).all()
+
+
+def test_refinement_follows_colour_edges():
+    images = torch.zeros(1, 3, 16, 16)
+    images[..., 8:] = 1.0  # two flat halves
+    maps = torch.zeros(1, 2, 16, 16)
+    maps[0, 1, 4:12, 2:6] = 1.0   # class 1 lit on part of the left half only
+    maps[0, 0, 4:12, 10:14] = 1.0  # class 0 on part of the right half
+    refined = refine_cams(maps, images, iterations=30, dilations=(1, 2, 4))
+    masks = refined.argmax(dim=1)[0]
+    assert (masks[:, :8] == 1).float().mean() > 0.9 and (masks[:, 8:] == 0).float().mean() > 0.9
+
+
+def test_stitched_maps_equal_patch_maps_where_one_patch_covers_a_pixel(tmp_path):
+    """Two 8 x 8 patches of a 8 x 12 image, overlapping in columns 4..7."""
+    items = []
+    for x in (0, 4):
+        path = save_png(tmp_path / f"im_0_{x}[1, 1].png", np.full((8, 8, 3), 10 * x, np.uint8))
+        items.append(Item(path, f"im_0_{x}", np.array([1.0, 1.0])))
+    stitcher = VoteStitcher(items, 2)
+    assert stitcher.sizes == {"im": (8, 12)}
+    torch.manual_seed(1)
+    maps = torch.rand(2, 2, 8, 8)
+    votes = patch_votes(maps, torch.ones(2, 2)).numpy()
+    for item, vote in zip(items, votes):
+        stitcher.add(item, vote)
+    stitched = stitcher.stitched_maps("im")
+    assert np.allclose(stitched[:, :, :4], votes[0][:, :, :4])
+    assert np.allclose(stitched[:, :, 8:], votes[1][:, :, 4:])
+    assert np.allclose(stitched[:, :, 4:8], (votes[0][:, :, 4:] + votes[1][:, :, :4]) / 2)
+    mask = stitcher.mask("im", background=0)
+    assert np.array_equal(mask[:, :4], votes[0][:, :, :4].argmax(axis=0))
+    image = stitcher.image("im")
+    assert (image[:, :4] == 0).all() and (image[:, 4:] == 40).all()
+
+
+def test_single_class_patches_vote_for_their_class_everywhere():
+    maps = torch.zeros(2, 2, 4, 4)
+    votes = patch_votes(maps, torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+    assert (votes[0, 1] == 1).all() and (votes[0, 0] == 0).all() and (votes[1] == 0).all()
+
+
+def test_weight_average_follows_its_formula_and_round_trips():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = WeightAverage(model, decay=0.9)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    average.update(model)  # first step: decay warms up to min(0.9, 2 / 11)
+    expected = start + (1 - 2 / 11) * 1.0
+    assert torch.allclose(average.model[0].weight, expected)
+    assert not average.model[0].weight.requires_grad
+    other = WeightAverage(model, decay=0.9)
+    other.load_state_dict(average.state_dict())
+    assert other.updates == 1 and torch.equal(other.model[0].weight, average.model[0].weight)
+
+
+def test_flip_averaging_is_the_mean_over_flips():
+    class Skewed(nn.Module):  # not flip-equivariant: adds a ramp along x
+        def forward(self, x):
+            ramp = torch.arange(x.shape[-1], dtype=x.dtype)
+            return x[:, :2] + ramp
+
+    x = torch.rand(1, 3, 4, 6)
+    model = Skewed()
+    expected = (model(x) + model(x.flip(-1)).flip(-1) + model(x.flip(-2)).flip(-2)) / 3
+    assert torch.allclose(FlipAveraged(model)(x), expected)
+    assert torch.allclose(FlipAveraged(nn.Identity())(x), x)

@@ -1,0 +1,114 @@
+"""Whole training images put back together from their overlapping patches, with pseudo-masks from the
+patches' class maps, so that stage 2 can learn from crops larger than a patch.
+
+Patches are named `<image>_<y>_<x>[labels]` by 0_prepare_data.py, (y, x) being the patch's top-left pixel.
+Each patch votes with its class maps (scaled to [0, 1], kept only for the classes its label has; a
+single-class patch votes for its class everywhere, as its own pseudo-mask does); a pixel's stitched map is
+the mean vote of the labelled patches that cover it, so where one patch covers a pixel alone the stitched
+map is that patch's map.
+"""
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.imageio import IGNORE_INDEX, DataError, image_size, read_rgb
+
+PATCH_NAME = re.compile(r"^(?P<image>.+)_(?P<y>\d+)_(?P<x>\d+)$")
+
+
+def patch_position(stem):
+    """(image stem, y, x) of a patch named `<image>_<y>_<x>`, or None."""
+    match = PATCH_NAME.match(stem)
+    if match is None:
+        return None
+    return match.group("image"), int(match.group("y")), int(match.group("x"))
+
+
+def patch_votes(maps, labels):
+    """N x C x H x W votes from label-masked maps in [0, 1]: single-class patches vote one-hot."""
+    votes = maps.float().clone()
+    single = labels.sum(dim=1) == 1
+    if single.any():
+        one_hot = labels[single].to(votes.dtype)[:, :, None, None].expand(-1, -1, *votes.shape[-2:])
+        votes[single] = one_hot
+    return votes
+
+
+class VoteStitcher:
+    """Accumulates patch votes per whole image (numpy, on the host)."""
+
+    def __init__(self, items, num_classes):
+        self.num_classes = num_classes
+        self.patches = defaultdict(list)      # image stem -> [(item, y, x)]
+        for item in items:
+            position = patch_position(item.stem)
+            if position is None:
+                raise DataError(f"{item.image}: stitching whole images needs patch names '<image>_<y>_<x>[labels]' "
+                                "as 0_prepare_data.py writes them; set stage1.stitch_whole_images: false.")
+            stem, y, x = position
+            self.patches[stem].append((item, y, x))
+        self.sizes, self.votes, self.counts = {}, {}, {}
+        for stem, patches in self.patches.items():
+            width, height = 0, 0
+            for item, y, x in patches:
+                w, h = image_size(item.image)
+                width, height = max(width, x + w), max(height, y + h)
+            self.sizes[stem] = (height, width)
+        self.where = {str(item.image): (stem, y, x) for stem, patches in self.patches.items() for item, y, x in patches}
+
+    def add(self, item, votes):
+        """votes: C x h x w for the patch `item` (all zero for a patch whose label names no class)."""
+        stem, y, x = self.where[str(item.image)]
+        if stem not in self.votes:
+            height, width = self.sizes[stem]
+            self.votes[stem] = np.zeros((self.num_classes, height, width), np.float32)
+            self.counts[stem] = np.zeros((height, width), np.float32)
+        h, w = votes.shape[-2:]
+        if votes.any():
+            self.votes[stem][:, y:y + h, x:x + w] += votes
+            self.counts[stem][y:y + h, x:x + w] += 1.0
+
+    def reduce(self, runtime):
+        """Sum every rank's votes (each rank saw a share of the patches)."""
+        if not runtime.distributed:
+            return
+        for stem in sorted(self.patches):
+            height, width = self.sizes[stem]
+            votes = self.votes.get(stem, np.zeros((self.num_classes, height, width), np.float32))
+            counts = self.counts.get(stem, np.zeros((height, width), np.float32))
+            both = torch.from_numpy(np.concatenate([votes, counts[None]])).to(runtime.device)
+            both = runtime.all_reduce_sum(both).cpu().numpy()
+            self.votes[stem], self.counts[stem] = both[:-1], both[-1]
+
+    def stitched_maps(self, stem):
+        """C x H x W mean votes of one image (zero where no labelled patch covers it)."""
+        counts = self.counts[stem]
+        return self.votes[stem] / np.maximum(counts, 1.0)[None]
+
+    def mask(self, stem, background):
+        """The whole image's pseudo-mask: the class with the highest mean vote; where no class has a vote,
+        background, or ignore when the data set has none."""
+        maps = self.stitched_maps(stem)
+        mask = maps.argmax(axis=0).astype(np.uint8)
+        mask[maps.max(axis=0) <= 0] = IGNORE_INDEX if background is None else background
+        return mask
+
+    def image(self, stem):
+        """The whole image, put together from its patches' pixels."""
+        height, width = self.sizes[stem]
+        image = np.full((height, width, 3), 255, np.uint8)
+        for item, y, x in self.patches[stem]:
+            patch = read_rgb(item.image)
+            image[y:y + patch.shape[0], x:x + patch.shape[1]] = patch
+        return image
+
+    def stems(self):
+        return sorted(self.patches)
+
+
+def whole_image_dir(pseudo_mask_folder):
+    """Where stitched images and their pseudo-masks live: `<pseudo-mask folder>/whole/{img,mask}`."""
+    return Path(pseudo_mask_folder) / "whole"
