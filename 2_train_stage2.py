@@ -30,8 +30,8 @@ from utils.postprocess import class_indices, describe, fill_holes
 from utils.predict import FlipAveraged, predict_mask, segmenter_meta
 from utils.provenance import RUN_RECORD, StepTimer
 from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
-from utils.stitch import whole_image_dir
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
+from utils.stitch import whole_image_dir
 from utils.training import (CsvLog, TrainingError, WeightAverage, check_finite, out_of_memory_message,
                             restore_scaler, rng_state, set_poly_lr, set_rng_state, sgd)
 from utils.visualize import contact_sheet
