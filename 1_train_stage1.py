@@ -350,7 +350,8 @@ def score_whole_images(cfg, model, split_list, runtime, scale):
     model.eval()
     for item in tqdm(runtime.shard(split_list), desc="scoring CAMs", disable=not runtime.is_main, leave=False):
         image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
-        tensor = network_input(image, scale, cfg.data.mean, cfg.data.std, model.size_multiple)[None]
+        tensor = network_input(image, scale, cfg.data.mean, cfg.data.std,
+                               getattr(model, "size_multiple", 1))[None]
         tensor = tensor.to(runtime.device)
         cams, labels = class_maps(model, tensor, truth.shape, None, s1, runtime)
         mask = claim_unclaimed(cams_to_masks(cams, labels, background), background)[0].cpu().numpy()
