@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.classifier import Stage1Classifier, build_backbone
-from utils.cam import cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam, normalise_cams, refine_cams
+from utils.cam import (cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam, normalise_cams, refine_cams,
+                       scaled_size)
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir
@@ -32,8 +33,9 @@ from utils.provenance import RUN_RECORD, StepTimer
 from utils.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
 from utils.stitch import VoteStitcher, patch_votes, whole_image_dir
 from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
-from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, out_of_memory_message,
-                            restore_scaler, rng_state, set_rng_state, set_poly_lr,
+from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
+from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, layer_decay_scales,
+                            out_of_memory_message, restore_scaler, rng_state, set_rng_state, set_poly_lr,
                             sgd_with_multipliers)
 from utils.transforms import to_tensor
 from utils.visualize import contact_sheet, heat_overlay, mask_picture
@@ -47,15 +49,19 @@ def build_classifier(cfg):
     if isinstance(s1.pretrained, str) and not Path(s1.pretrained).is_file():
         raise ConfigError(f"stage1.pretrained: weight file {s1.pretrained} does not exist "
                           "(see init_weights/README.md).")
+    facts = inspect_network(cfg, "stage1")
+    check_vit_settings(cfg, "stage1", facts)
     try:
-        backbone = build_backbone(s1.backbone, s1.pretrained, s1.out_indices, s1.output_stride)
+        backbone = build_backbone(s1.backbone, s1.pretrained, s1.out_indices, s1.output_stride, facts.kwargs,
+                                  s1.vit_blocks)
     except ValueError as error:
-        raise CheckpointError(str(error)) from None
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ConfigError(f"stage1.backbone: {error}") from None
-        raise
-    return Stage1Classifier(backbone, len(cfg.data.classes), use_ibm=s1.ibm)
+        raise CheckpointError(f"stage1.pretrained: {error}") from None
+    model = Stage1Classifier(backbone, len(cfg.data.classes), use_ibm=s1.ibm)
+    if s1.freeze_encoder:
+        model.freeze_backbone()
+    if s1.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)
+    return model
 
 
 def classification_loss(outputs, labels, s1):
@@ -107,7 +113,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         freeze_batchnorm(model)
     model.to(runtime.device)
     optimizer = sgd_with_multipliers([model.backbone], model.new_modules(), s1.lr, s1.momentum,
-                                     s1.weight_decay, s1.lr_mult_new)
+                                     s1.weight_decay, s1.lr_mult_new,
+                                     layer_decay_scales(model.backbone, s1.layer_decay))
     total_steps = max(1, s1.epochs * len(loader))
     checkpoint_path = out_dir / "checkpoint.pth"
     log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "accuracy", "lr", "seconds"], keep_existing=resume)
@@ -176,13 +183,15 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
     return checkpoint_path
 
 
-def network_input(image, size_or_scale, mean, std):
-    """Resize an RGB array for the classifier (square size for tiles, scale factor for whole images)."""
+def network_input(image, size_or_scale, mean, std, multiple=1):
+    """Resize an RGB array for the classifier (square size for tiles, scale factor for whole images, whose
+    sides are then rounded to a multiple of a ViT's patch size)."""
     import cv2
     if isinstance(size_or_scale, int):
         size = (size_or_scale, size_or_scale)
     else:
-        size = (max(8, round(image.shape[1] * size_or_scale)), max(8, round(image.shape[0] * size_or_scale)))
+        height, width = scaled_size(image.shape[0], image.shape[1], size_or_scale, multiple)
+        size = (width, height)
     if size != (image.shape[1], image.shape[0]):
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
     return to_tensor(image, mean, std)
@@ -341,7 +350,9 @@ def score_whole_images(cfg, model, split_list, runtime, scale):
     model.eval()
     for item in tqdm(runtime.shard(split_list), desc="scoring CAMs", disable=not runtime.is_main, leave=False):
         image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
-        tensor = network_input(image, scale, cfg.data.mean, cfg.data.std)[None].to(runtime.device)
+        tensor = network_input(image, scale, cfg.data.mean, cfg.data.std,
+                               getattr(model, "size_multiple", 1))[None]
+        tensor = tensor.to(runtime.device)
         cams, labels = class_maps(model, tensor, truth.shape, None, s1, runtime)
         mask = claim_unclaimed(cams_to_masks(cams, labels, background), background)[0].cpu().numpy()
         confusion[0] += confusion_matrix(mask, truth, num_classes, count_unclaimed=True)
@@ -370,6 +381,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="rewrite pseudo-masks that already exist")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    normalisation = resolve_normalisation(cfg, "stage1")
     timer = StepTimer("stage1")
     runtime = setup_runtime(cfg)
     out_dir = start_run(cfg, runtime, "stage1")
@@ -384,6 +396,8 @@ def main(argv=None):
         present = np.stack([item.label for item in items]).sum(0).astype(int).tolist()
         print(f"stage 1 on {len(items)} training images ({', '.join(f'{c}: {n}' for c, n in zip(cfg.data.classes, present))}); "
               f"device {runtime.device}, {runtime.world_size} process(es)")
+        if normalisation:
+            print(normalisation)
         for split in missing:
             print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 

@@ -10,6 +10,7 @@ validation mIoU without post-processing.
 """
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,8 +33,9 @@ from utils.provenance import RUN_RECORD, StepTimer
 from utils.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
 from utils.stitch import whole_image_dir
+from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
 from utils.training import (CsvLog, TrainingError, WeightAverage, check_finite, out_of_memory_message,
-                            restore_scaler, rng_state, set_poly_lr, set_rng_state, sgd)
+                            restore_scaler, rng_state, set_poly_lr, set_rng_state, sgd_with_layer_decay)
 from utils.visualize import contact_sheet
 
 
@@ -70,15 +72,16 @@ def training_pairs(cfg):
 
 def build_segmenter(cfg):
     s2 = cfg.stage2
+    if isinstance(s2.pretrained, str) and not Path(s2.pretrained).is_file():
+        raise ConfigError(f"stage2.pretrained: weight file {s2.pretrained} does not exist "
+                          "(see init_weights/README.md).")
+    facts = inspect_network(cfg, "stage2")
+    check_vit_settings(cfg, "stage2", facts)
     try:
         model = DPR(s2.encoder, len(cfg.data.classes), pretrained=s2.pretrained, refine=s2.refinement_attention,
-                    aux=s2.aux_path)
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ConfigError(f"stage2.encoder: {error}") from None
-        raise
+                    aux=s2.aux_path, encoder_kwargs=facts.kwargs, vit_block=s2.vit_block)
     except ValueError as error:
-        raise CheckpointError(str(error)) from None
+        raise CheckpointError(f"stage2.pretrained: {error}") from None
     if s2.init_from:
         state = load_checkpoint(s2.init_from, STAGE2_FORMAT)
         try:
@@ -87,6 +90,10 @@ def build_segmenter(cfg):
             raise CheckpointError(f"stage2.init_from: {s2.init_from} does not fit a {s2.encoder} DPR with "
                                   f"{len(cfg.data.classes)} classes.") from None
         print(f"starting from {s2.init_from}")
+    if s2.freeze_encoder:
+        model.freeze_encoder()
+    if s2.grad_checkpointing:
+        model.encoder.set_grad_checkpointing(True)
     return model
 
 
@@ -186,9 +193,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     elif s2.sync_bn and runtime.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(runtime.device).to(memory_format=torch.channels_last)
-    optimizer = sgd(model.parameters(), s2.lr, s2.momentum, s2.weight_decay)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = s2.lr
+    optimizer = sgd_with_layer_decay(model, model.encoder, s2.lr, s2.momentum, s2.weight_decay, s2.layer_decay)
     criterion = IICBLoss(**s2.iicb, background=background_index(cfg.data.classes, cfg.data.background))
     total_steps = max(1, s2.epochs * len(loader))
     log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "val_miou", "val_mdice", "lr", "seconds"],
@@ -278,6 +283,7 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue training from last.pth")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    normalisation = resolve_normalisation(cfg, "stage2")
     timer = StepTimer("stage2")
     runtime = setup_runtime(cfg)
     out_dir = start_run(cfg, runtime, "stage2")
@@ -288,6 +294,8 @@ def main(argv=None):
     for split, items in held_out.items():
         check_split_masks(items, cfg.data.mask_encoding, num_classes, split)
     if runtime.is_main:
+        if normalisation:
+            print(normalisation)
         for split in missing:
             print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 

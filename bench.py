@@ -6,8 +6,12 @@
 Prints one line per figure (images/s, peak memory, model-FLOPs utilisation for the training steps) and
 writes the same to bench.json. (a) stage-1 training step, (b) CAMs + pseudo-masks end to end from PNG tiles
 on disk to PNG masks on disk, (c) stage-2 training step, (d) inference end to end from PNG tiles to PNG masks.
+The ViT figures time (a) and (c) with a ViT-L/16 encoder (the size of UNI; random weights, the speed is the
+same), its whole network trained and with the encoder frozen: stage1_train_vit, stage2_train_vit, and the
+same with _frozen (`--only stage1_train_vit stage2_train_vit` runs two of them).
 """
 import argparse
+import gc
 import importlib
 import platform
 import sys
@@ -20,9 +24,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import yaml
+
 from utils.config import load_config
 from utils.files import write_json
 from utils.runtime import compile_model, setup_runtime
+from utils.timm_settings import resolve_normalisation
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -32,6 +39,13 @@ FULL = {"stage1_backbone": "resnet38", "stage1_batch": 20, "stage1_size": 224, "
         "cam_tiles": 2000, "cam_tile_size": 112, "cam_batch": 64,
         "stage2_encoder": "resnest200e", "stage2_batch": 16, "stage2_size": 224, "stage2_steps": 15,
         "infer_tiles": 2000, "infer_size": 224, "infer_batch": 64}
+# ViT figures: the encoder of UNI, Virchow and most pathology foundation models is this size or larger.
+FULL_VIT = {"vit": "vit_large_patch16_224", "vit_kwargs": {}, "vit_stage1_batch": 20, "vit_stage2_batch": 16,
+            "vit_size": 224}
+QUICK_VIT = {"vit": "vit_tiny_patch16_224", "vit_kwargs": {"depth": 3}, "vit_stage1_batch": 4,
+             "vit_stage2_batch": 4, "vit_size": 64}
+FIGURES = ("stage1_train", "cam_pseudo_masks", "stage2_train", "inference", "stage1_train_vit",
+           "stage1_train_vit_frozen", "stage2_train_vit", "stage2_train_vit_frozen")
 QUICK = {"stage1_backbone": "resnet10t", "stage1_batch": 4, "stage1_size": 64, "stage1_steps": 3,
          "cam_tiles": 32, "cam_tile_size": 48, "cam_batch": 16,
          "stage2_encoder": "resnet10t", "stage2_batch": 4, "stage2_size": 64, "stage2_steps": 3,
@@ -51,6 +65,7 @@ def synchronize(device):
 
 
 def reset_memory(device):
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -173,14 +188,13 @@ def bench_pseudo_masks(cfg, runtime, s, model, workdir):
 
 
 def bench_stage2_training(cfg, runtime, s):
-    from models.dpr import DPR
     from utils.losses import IICBLoss
-    from utils.training import sgd
+    from utils.training import sgd_with_layer_decay
     stage2 = importlib.import_module("2_train_stage2")
-    model = DPR(s["stage2_encoder"], len(cfg.data.classes)).to(runtime.device).to(memory_format=torch.channels_last)
+    model = stage2.build_segmenter(cfg).to(runtime.device).to(memory_format=torch.channels_last)
     model.train()
     trainer = compile_model(model) if cfg.compile else model
-    optimizer = sgd(model.parameters(), 0.01, 0.9, 5e-4)
+    optimizer = sgd_with_layer_decay(model, model.encoder, 0.01, 0.9, 5e-4, cfg.stage2.layer_decay)
     scaler = runtime.grad_scaler()
     train_step = stage2.segmenter_train_step(trainer, model, IICBLoss(), 0.4, runtime, scaler)
     size = s["stage2_size"]
@@ -221,8 +235,35 @@ def bench_inference(cfg, runtime, s, model, workdir):
             "peak_mem_gib": peak_memory_gib(runtime.device)}
 
 
+def vit_config(common, s, frozen):
+    """Both stages with the ViT encoder: its last block decoded by DPR, three blocks tapped in stage 1."""
+    kwargs = yaml.safe_dump(s["vit_kwargs"], default_flow_style=True).strip()
+    size = s["vit_size"]
+    return load_config(None, common + [
+        f"stage1.backbone={s['vit']}", f"stage1.backbone_kwargs={kwargs}", f"stage1.image_size={size}",
+        f"stage1.freeze_encoder={frozen}", "stage1.freeze_bn=false", "stage1.freeze_stem=false",
+        f"stage2.encoder={s['vit']}", f"stage2.encoder_kwargs={kwargs}", f"stage2.crop_size={size}",
+        f"stage2.window={size}", f"stage2.freeze_encoder={frozen}"])
+
+
+def bench_vit(name, common, runtime, s):
+    """A ViT figure: the stage-1 or stage-2 training step with the ViT encoder, trained or frozen."""
+    frozen = name.endswith("_frozen")
+    cfg = vit_config(common, s, frozen)
+    resolve_normalisation(cfg, "stage1")
+    size = s["vit_size"]
+    if name.startswith("stage1"):
+        settings = dict(s, stage1_batch=s["vit_stage1_batch"], stage1_size=size)
+        result, _ = bench_stage1_training(cfg, runtime, settings)
+    else:
+        settings = dict(s, stage2_batch=s["vit_stage2_batch"], stage2_size=size)
+        result, _ = bench_stage2_training(cfg, runtime, settings)
+    result.update(figure=name, encoder=s["vit"], batch=settings[f"{name[:6]}_batch"], image_size=size)
+    return result
+
+
 def describe(result):
-    parts = [f"{result['figure']:<17} {result['images_per_s']:9.1f} images/s"]
+    parts = [f"{result['figure']:<23} {result['images_per_s']:9.1f} images/s"]
     if result.get("peak_mem_gib") is not None:
         parts.append(f"peak memory {result['peak_mem_gib']:.2f} GiB")
     if result.get("tflop_per_step") is not None:
@@ -240,17 +281,18 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile the training models")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run training steps eagerly on GPUs too")
     parser.add_argument("--profile", action="store_true", help="print the top operators of the training steps")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="run only these: stage1_train cam_pseudo_masks stage2_train inference")
+    parser.add_argument("--only", nargs="*", default=None, choices=FIGURES, metavar="FIGURE",
+                        help=f"run only these: {' '.join(FIGURES)}")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
-    s = dict(QUICK if args.quick else FULL, profile=args.profile)
-    cfg = load_config(None, [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
-                             f"cuda_graphs={not args.no_cuda_graphs}",
-                             f"stage1.backbone={s['stage1_backbone']}", "stage1.out_indices=[1,2,3]",
-                             "stage1.freeze_bn=true", "num_workers=-1"])
+    s = dict(QUICK if args.quick else FULL, **(QUICK_VIT if args.quick else FULL_VIT), profile=args.profile)
+    common = [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
+              f"cuda_graphs={not args.no_cuda_graphs}", "num_workers=-1"]
+    cfg = load_config(None, common + [f"stage1.backbone={s['stage1_backbone']}", "stage1.out_indices=[1,2,3]",
+                                      "stage1.freeze_bn=true", f"stage2.encoder={s['stage2_encoder']}"])
+    resolve_normalisation(cfg, "stage1")
     runtime = setup_runtime(cfg)
-    wanted = set(args.only or ["stage1_train", "cam_pseudo_masks", "stage2_train", "inference"])
+    wanted = set(args.only or FIGURES)
     device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else platform.processor() or "cpu"
     header = {"device": device_name, "torch": torch.__version__, "precision": str(runtime.amp_dtype or "fp32"),
               "settings": "quick" if args.quick else "full", "world_size": runtime.world_size,
@@ -261,11 +303,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         stage1_model = stage2_model = None
-        for name in ("stage1_train", "cam_pseudo_masks", "stage2_train", "inference"):
+        for name in FIGURES:
             if name not in wanted:
                 continue
             try:
-                if name == "stage1_train":
+                if "_vit" in name:
+                    stage1_model = stage2_model = None  # their memory must not count in the ViT figures
+                    result = bench_vit(name, common, runtime, s)
+                elif name == "stage1_train":
                     result, stage1_model = bench_stage1_training(cfg, runtime, s)
                 elif name == "cam_pseudo_masks":
                     if stage1_model is None:
@@ -276,13 +321,12 @@ def main(argv=None):
                     result, stage2_model = bench_stage2_training(cfg, runtime, s)
                 else:
                     if stage2_model is None:
-                        from models.dpr import DPR
-                        stage2_model = DPR(s["stage2_encoder"], len(cfg.data.classes))
+                        stage2_model = importlib.import_module("2_train_stage2").build_segmenter(cfg)
                     result = bench_inference(cfg, runtime, s, stage2_model.eval(), workdir)
             except Exception as error:  # one failing figure must not hide the others
                 traceback.print_exc()
                 result = {"figure": name, "error": f"{type(error).__name__}: {error}"}
-                print(f"{name:<17} failed: {result['error']}")
+                print(f"{name:<23} failed: {result['error']}")
             else:
                 if runtime.is_main:
                     print(describe(result), flush=True)

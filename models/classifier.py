@@ -15,7 +15,26 @@ class Stage1Classifier(nn.Module):
         self.ic2 = nn.Conv2d(mid, num_classes, 1)
         self.fc8 = nn.Conv2d(deep, num_classes, 1, bias=False)
         self.dropout = nn.Dropout2d(dropout)
+        self.backbone_frozen = False
         nn.init.xavier_uniform_(self.fc8.weight)
+
+    @property
+    def size_multiple(self):
+        """Input sides must be multiples of this (a ViT's patch size; 1 for convolutional backbones)."""
+        return getattr(self.backbone, "size_multiple", 1)
+
+    def freeze_backbone(self):
+        """Train only IBM and the heads: the backbone gets no gradient and stays in eval mode."""
+        self.backbone_frozen = True
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # no dropout, drop-path or BatchNorm updates in a backbone that does not learn
+        return self
 
     @property
     def heads(self):
@@ -52,8 +71,12 @@ class Stage1Classifier(nn.Module):
         return maps, scores
 
 
-def build_backbone(name, pretrained=False, out_indices=(2, 3, 4), output_stride=8):
-    """ResNet-38 (with its ImageNet weight file when given) or any timm model by name."""
+def build_backbone(name, pretrained=False, out_indices=(2, 3, 4), output_stride=8, kwargs=None, vit_blocks=None):
+    """ResNet-38 (with its ImageNet weight file when given) or any timm model by name, `hf-hub:` names included.
+
+    timm Vision Transformers tap the blocks `vit_blocks` (None: three spread over the depth); convolutional
+    networks the stages `out_indices`. `kwargs` go to timm.create_model.
+    """
     if name == "resnet38":
         from models.resnet38 import ResNet38, load_resnet38_weights
         backbone = ResNet38()
@@ -63,5 +86,8 @@ def build_backbone(name, pretrained=False, out_indices=(2, 3, 4), output_stride=
         if isinstance(pretrained, str):
             load_resnet38_weights(backbone, pretrained)
         return backbone
-    from models.timm_taps import TimmTaps
-    return TimmTaps(name, pretrained, out_indices, output_stride)
+    from models.timm_encoder import is_timm_vit
+    from models.timm_taps import TimmTaps, VitTaps
+    if is_timm_vit(name, kwargs):
+        return VitTaps(name, pretrained, vit_blocks, kwargs)
+    return TimmTaps(name, pretrained, out_indices, output_stride, kwargs)

@@ -1,25 +1,26 @@
 """DPR (Dual Path Refinement): the stage-2 segmentation network.
 
 A timm encoder cut at output stride 8, a pyramid-pooling main path whose class logits pass through a
-refinement attention, and a light auxiliary path on the same encoder features.
+refinement attention, and a light auxiliary path on the same encoder features. A Vision Transformer has no
+stride-8 map: the token map of one of its blocks (stride 14 or 16) is upsampled to stride 8 instead.
 """
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.timm_encoder import encoder_feature_info, load_encoder_weights
+from models.timm_encoder import create_timm_model, encoder_feature_info, is_plain_vit, load_encoder_weights
+from models.timm_vit import VitFeatures
 
 PYRAMID_BINS = (1, 2, 3, 6)
 
 
-def stride8_out_indices(encoder_name):
+def stride8_out_indices(encoder_name, kwargs=None):
     """(index,) of the deepest encoder feature whose reduction is at most 8."""
-    info, _ = encoder_feature_info(encoder_name)
+    info, _ = encoder_feature_info(encoder_name, kwargs)
     fine = [i for i, reduction in enumerate(info.reduction()) if reduction <= 8]
     if not fine:
         raise ValueError(f"timm encoder '{encoder_name}' has no feature map at stride 8 or finer; "
-                         f"pick a convolutional encoder such as a ResNet or ResNeSt.")
+                         f"pick a convolutional encoder such as a ResNet or ResNeSt, or a plain Vision Transformer.")
     return (fine[-1],)
 
 
@@ -34,6 +35,16 @@ def conv_bn_relu(in_channels, out_channels, kernel_size):
 def upsample(x, size):
     """Bilinear resize in float32: its backward accumulates with atomics, which crawl on bf16/fp16 GPUs."""
     return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def pad_to_multiple(x, multiple):
+    """Pad the bottom and right edges so both sides are multiples of `multiple` (a ViT takes whole patches)."""
+    height, width = x.shape[-2:]
+    bottom, right = -height % multiple, -width % multiple
+    if not bottom and not right:
+        return x
+    mode = "reflect" if bottom < height and right < width else "replicate"
+    return F.pad(x, (0, right, 0, bottom), mode=mode)
 
 
 class PyramidPooling(nn.Module):
@@ -79,20 +90,27 @@ class DPR(nn.Module):
 
     forward(x) returns {"main", "aux"} logits in training mode and the main logits in eval mode, both at
     the input's height and width. `refine` and `aux` switch off the refinement attention and the auxiliary
-    path (for ablations); training then returns "aux" None.
+    path (for ablations); training then returns "aux" None. `encoder_kwargs` go to timm.create_model;
+    `vit_block` is the block whose tokens a Vision Transformer encoder gives (negative: from the end).
     """
 
-    def __init__(self, encoder: str, num_classes: int, pretrained=False, refine=True, aux=True):
+    def __init__(self, encoder: str, num_classes: int, pretrained=False, refine=True, aux=True,
+                 encoder_kwargs=None, vit_block=-1):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"DPR needs at least 2 classes, got num_classes={num_classes}.")
-        out_indices = stride8_out_indices(encoder)
-        # Only the stages up to stride 8 are built, so deeper stages cost neither memory nor time.
-        self.encoder = timm.create_model(encoder, features_only=True, out_indices=out_indices,
-                                         pretrained=pretrained is True)
-        if pretrained not in (False, True, None):
-            load_encoder_weights(self.encoder, encoder, pretrained)
-        channels = self.encoder.feature_info.channels()[-1]
+        self.size_multiple, self.encoder_frozen = 1, False
+        if is_plain_vit(encoder_feature_info(encoder, encoder_kwargs)[1]):
+            # Blocks after the chosen one are not built.
+            self.encoder = VitFeatures(encoder, (vit_block,), count=1, pretrained=pretrained, kwargs=encoder_kwargs)
+            self.size_multiple, channels = self.encoder.size_multiple, self.encoder.channels
+        else:
+            # Only the stages up to stride 8 are built, so deeper stages cost neither memory nor time.
+            self.encoder = create_timm_model(encoder, pretrained, encoder_kwargs, features_only=True,
+                                             out_indices=stride8_out_indices(encoder, encoder_kwargs))
+            if pretrained not in (False, True, None):
+                load_encoder_weights(self.encoder, encoder, pretrained, encoder_kwargs)
+            channels = self.encoder.feature_info.channels()[-1]
 
         self.pyramid = PyramidPooling(channels)
         self.main_head = nn.Sequential(
@@ -107,12 +125,37 @@ class DPR(nn.Module):
             nn.Conv2d(256, num_classes, 1),
         ) if aux else None
 
+    def freeze_encoder(self):
+        """Train only the decoder (pyramid pooling, heads, attention): the encoder gets no gradient and stays in
+        eval mode."""
+        self.encoder_frozen = True
+        for param in self.encoder.parameters():
+            param.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()  # no dropout, drop-path or BatchNorm updates in an encoder that does not learn
+        return self
+
+    def encode(self, x):
+        """Encoder features at stride 8 (a ViT's patch-stride tokens upsampled to it), for an input whose sides
+        are multiples of size_multiple."""
+        features = self.encoder(x)[-1]
+        if self.size_multiple > 1:
+            stride8 = (-(-x.shape[-2] // 8), -(-x.shape[-1] // 8))
+            features = upsample(features, stride8).to(features.dtype)
+        return features
+
     def forward(self, x):
         size = x.shape[-2:]
-        features = self.encoder(x)[-1]
+        x = pad_to_multiple(x, self.size_multiple)
+        features = self.encode(x)
         main = self.main_head(self.pyramid(features))
-        main = self.refine(upsample(main, size))
+        main = self.refine(upsample(main, x.shape[-2:])[..., :size[0], :size[1]])
         if not self.training:
             return main
-        aux = upsample(self.aux_head(features), size) if self.aux_head is not None else None
+        aux = self.aux_head(features) if self.aux_head is not None else None
+        aux = upsample(aux, x.shape[-2:])[..., :size[0], :size[1]] if aux is not None else None
         return {"main": main, "aux": aux}

@@ -1,4 +1,9 @@
-"""A timm network used as a feature extractor: the description of its stages, and local weight files."""
+"""A timm network used as a feature extractor: where its architecture comes from, the description of its
+stages, and local weight files.
+
+Every function takes the model kwargs that are passed to `timm.create_model` (already turned into Python
+objects: `mlp_layer` is a class, not its name), since they change the layers and so the weights that fit.
+"""
 import functools
 from pathlib import Path
 
@@ -8,21 +13,109 @@ from timm.models import FeatureInfo
 
 from utils.checkpoint import describe_misfit, read_weight_file
 
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+
+
+def is_hub_name(name):
+    return name.startswith(HUB_PREFIXES)
+
 
 @functools.lru_cache(maxsize=None)
-def encoder_feature_info(encoder_name):
-    """(FeatureInfo of every stage, the full model on the meta device); ValueError for unusable names."""
-    if not timm.is_model(encoder_name):
-        raise ValueError(f"unknown timm encoder '{encoder_name}'; pick a name from timm.list_models().")
+def _architecture(name):
+    if not is_hub_name(name):
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm encoder '{name}'; pick a name from timm.list_models() or a "
+                             "hf-hub: name.")
+        return name, {}, None
+    repo = name.split(":", 1)[1]
+    try:
+        pretrained_cfg, architecture, model_args = timm.models.load_model_config_from_hf(repo)
+    except Exception as error:  # offline, gated, misspelt: huggingface_hub raises many kinds
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"the config of '{name}' could not be read from the Hugging Face hub ({detail}). Gated "
+                         "models need their licence accepted on the model page and a login (`hf auth login` or "
+                         "HF_TOKEN); without internet, name the timm architecture with its kwargs and give a "
+                         "local weight file instead (README, 'Pathology foundation models').") from None
+    return architecture, dict(model_args or {}), dict(pretrained_cfg or {})
+
+
+def timm_architecture(name):
+    """(timm registry name, model kwargs of the hub config, pretrained cfg or None) of a model name.
+
+    A `hf-hub:` name reads its config.json from the hub once per process; a registry name needs nothing.
+    A rebuild from the registry name and the kwargs gives the same layers without the hub.
+    """
+    architecture, model_args, pretrained_cfg = _architecture(name)
+    return architecture, dict(model_args), (dict(pretrained_cfg) if pretrained_cfg is not None else None)
+
+
+def pretrained_normalisation(name):
+    """(mean, std) that the model's pretrained weights expect, from its pretrained_cfg; None when unknown."""
+    architecture, _, hub_cfg = timm_architecture(name)
+    cfg = hub_cfg if hub_cfg is not None else timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    if cfg is not None and not isinstance(cfg, dict):
+        cfg = cfg.to_dict()
+    if not cfg or not cfg.get("mean") or not cfg.get("std"):
+        return None
+    return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+
+
+def create_timm_model(name, pretrained=False, kwargs=None, **options):
+    """timm.create_model with the hub config's kwargs, then `kwargs`, then `options` on top.
+
+    Without hub weights the model is built from its registry name, so a `hf-hub:` name reads only its
+    (cached) config from the hub, once.
+    """
+    architecture, model_args, _ = timm_architecture(name)
+    merged = {**model_args, **(kwargs or {}), **options}
+    if pretrained is not True:
+        return timm.create_model(architecture, pretrained=False, **merged)
+    try:
+        return timm.create_model(name, pretrained=True, **merged)
+    except OSError as error:  # no connection, a gated repository, a missing file
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"the weights of '{name}' could not be downloaded ({detail}). Gated models need their "
+                         "licence accepted on the model page and a login (`hf auth login` or HF_TOKEN); without "
+                         "internet, set pretrained to the path of a local weight file.") from None
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _describe(name, frozen_kwargs):
     # Built on the meta device: only the layer description is needed, not memory or weights.
     with torch.device("meta"):
-        model = timm.create_model(encoder_name, pretrained=False)
+        model = create_timm_model(name, False, dict(frozen_kwargs))
     info = getattr(model, "feature_info", None)
     if not isinstance(info, (list, FeatureInfo)):
-        raise ValueError(f"timm encoder '{encoder_name}' does not expose feature maps; pick a convolutional one.")
+        raise ValueError(f"timm encoder '{name}' does not expose feature maps; pick a convolutional network or "
+                         "a Vision Transformer.")
     if isinstance(info, list):
         info = FeatureInfo(info, out_indices=tuple(range(len(info))))
     return info, model
+
+
+def encoder_feature_info(encoder_name, kwargs=None):
+    """(FeatureInfo of every stage, the full model on the meta device); ValueError for unusable names."""
+    return _describe(encoder_name, _hashable(kwargs or {}))
+
+
+def is_plain_vit(model):
+    """A Vision Transformer of one scale (ViT, DeiT, DINOv2, EVA): tokens of one patch grid in every block,
+    with class or register tokens in front. Hierarchical transformers (Swin) have strided stages instead."""
+    return all(hasattr(model, attr) for attr in ("patch_embed", "blocks", "num_prefix_tokens",
+                                                 "forward_intermediates", "prune_intermediate_layers"))
+
+
+def is_timm_vit(name, kwargs=None):
+    """Whether a timm model name (with its kwargs) is a plain Vision Transformer."""
+    return is_plain_vit(encoder_feature_info(name, kwargs)[1])
 
 
 def _source_key_candidates(encoder_key):
@@ -35,17 +128,17 @@ def _source_key_candidates(encoder_key):
     return names
 
 
-def load_encoder_weights(encoder, encoder_name, path):
-    """Copy a local weight file into a timm `features_only` network cut short of the full model.
+def load_encoder_weights(encoder, encoder_name, path, kwargs=None):
+    """Copy a local weight file into a timm network cut short of the full model.
 
-    The file may be a full timm checkpoint: keys of dropped deeper stages or of the ImageNet classifier are
-    allowed; every key the network has must be there with its shape.
+    The file may be a full timm checkpoint: keys of dropped deeper stages or blocks, or of the classifier
+    head, are allowed; every key the network has must be there with its shape.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weight file {path} does not exist; fix the path or use pretrained: false.")
     state = read_weight_file(path, "weight file")
-    _, full_model = encoder_feature_info(encoder_name)
+    _, full_model = encoder_feature_info(encoder_name, kwargs)
     architecture_keys = set(full_model.state_dict())
     target = encoder.state_dict()
     loaded, used, missing, wrong_shape = {}, set(), [], []

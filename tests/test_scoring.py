@@ -18,6 +18,7 @@ from utils.losses import IICBLoss, soft_dice_loss
 from utils.metrics import confusion_matrix, scores
 from utils.postprocess import fill_holes, fill_holes_with_probabilities
 from utils.runtime import Runtime
+from utils.timm_settings import resolve_normalisation
 
 CPU = Runtime(torch.device("cpu"), None)
 
@@ -60,6 +61,7 @@ def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
     truth[0, 0] = IGNORE_INDEX
     items = write_split(tmp_path / "val", truth)
     cfg = load_config(None, ["stage1.cam_flip=false"])
+    resolve_normalisation(cfg, "stage1")
     # Every predicted label is under the threshold: once "ignore" everywhere and left out of the score.
     quiet = CamStub(torch.rand(1, 2, 8, 8), torch.full((1, 2), -5.0))
     raw, cleaned = stage1.score_whole_images(cfg, quiet, items, CPU, 1.0)
@@ -69,6 +71,7 @@ def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
     # Three tissue classes and no background: pixels no present class activates are misses.
     cfg = load_config(None, ["stage1.cam_flip=false", "data.classes=[a, b, c]", "data.background=null",
                              "data.palette=[[1, 1, 1], [2, 2, 2], [3, 3, 3]]"])
+    resolve_normalisation(cfg, "stage1")
     maps = torch.zeros(1, 3, 8, 8)
     maps[0, 1, :, 4:] = 1.0  # class b lights up its half; class a nowhere
     raw, _ = stage1.score_whole_images(cfg, CamStub(maps, torch.tensor([[3.0, 3.0, -3.0]])), items, CPU, 1.0)
@@ -176,6 +179,7 @@ def test_stage2_scores_raw_masks_and_post_processed_masks_apart(tmp_path):
     truth[8:16, 8:16] = 1  # the truth's gland includes its lumen
     items = write_split(tmp_path / "test", truth)
     cfg = load_config(None, ["postprocess.fill_holes=[gland]", "stage2.window=32", "stage2.overlap=0"])
+    resolve_normalisation(cfg, "stage2")
     folders = (tmp_path / "predictions", tmp_path / "overlays")
     raw, cleaned = stage2.evaluate(RingModel(), items, cfg, CPU, folders, postprocess=True)
     assert scores(raw)["iou"][1] == pytest.approx(192 / 256)

@@ -5,6 +5,14 @@ import torch.nn.functional as F
 from utils.imageio import IGNORE_INDEX
 
 
+def scaled_size(height, width, scale, multiple=1):
+    """(height, width) of an image seen at `scale`; multiples of `multiple` (a ViT's patch size) when above 1."""
+    if multiple == 1:
+        return max(8, round(height * scale)), max(8, round(width * scale))
+    return (max(multiple, round(height * scale / multiple) * multiple),
+            max(multiple, round(width * scale / multiple) * multiple))
+
+
 @torch.no_grad()
 def multi_layer_cam(model, images, out_size, cam_weights=(1.0, 1.0, 1.0), scales=(1.0,), flip=False):
     """Weighted sum of the three heads' CAMs at `out_size`, over scales (and horizontal flips).
@@ -14,10 +22,10 @@ def multi_layer_cam(model, images, out_size, cam_weights=(1.0, 1.0, 1.0), scales
     """
     total, probabilities, views = None, 0.0, 0
     height, width = images.shape[-2:]
+    multiple = getattr(model, "size_multiple", 1)
     for scale in scales:
         scaled = images if scale == 1.0 else F.interpolate(
-            images, size=(max(8, round(height * scale)), max(8, round(width * scale))),
-            mode="bilinear", align_corners=False)
+            images, size=scaled_size(height, width, scale, multiple), mode="bilinear", align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
             view = scaled.flip(-1) if flipped else scaled
             maps, scores = model.cams(view)

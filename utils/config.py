@@ -27,8 +27,8 @@ DEFAULTS = {
         "palette": [[239, 239, 239], [190, 61, 42]],
         "mask_encoding": "index",        # index | binary255 | instance
         "pseudo_mask_dir": None,         # default: <root>/train/pseudo_mask
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "mean": None,                    # input normalisation; default: the stage network's pretrained_cfg
+        "std": None,                     # (ImageNet's when it has none)
         "background": "background",      # the class that is no tissue of interest, or null when every class is
         "test_splits": ["test"],         # held-out splits scored once for the final model; missing ones are skipped
         "demo": False,                   # synthesise the demo data set when root is missing
@@ -57,12 +57,18 @@ DEFAULTS = {
         "raw_mask_suffix": "_anno",
     },
     "stage1": {
-        "backbone": "resnet38",          # resnet38 or any timm model name
-        "pretrained": False,             # false | true (timm hub) | path to a weight file
-        "out_indices": [2, 3, 4],        # timm backbones: the three taps
+        "backbone": "resnet38",          # resnet38 or any timm model name, hf-hub: names included
+        "backbone_kwargs": {},           # passed to timm.create_model (class names such as SwiGLUPacked, SiLU)
+        "pretrained": False,             # false | true (timm or Hugging Face hub) | path to a weight file
+        "out_indices": [2, 3, 4],        # convolutional timm backbones: the three taps
         "output_stride": 8,              # timm backbones that support dilation
+        "vit_blocks": None,              # Vision Transformers: the three tapped blocks (default: spread over
+                                         # the depth, ending with the last; negative counts from the end)
+        "freeze_encoder": False,         # train only IBM and the heads
+        "layer_decay": 1.0,              # Vision Transformers: lr x decay^(blocks above), 1: off
+        "grad_checkpointing": False,     # timm backbones: recompute activations in backward (less memory)
         "ibm": True,
-        "image_size": 224,
+        "image_size": 224,               # training tile size (a multiple of a ViT's patch size)
         "epochs": 10,
         "batch_size": 20,
         "lr": 0.01,
@@ -92,8 +98,13 @@ DEFAULTS = {
         "color_jitter": 0.0,             # brightness, contrast and saturation jitter (0: off)
     },
     "stage2": {
-        "encoder": "resnest200e",
+        "encoder": "resnest200e",        # any timm model name, hf-hub: names included
+        "encoder_kwargs": {},            # passed to timm.create_model, as stage1.backbone_kwargs
         "pretrained": False,
+        "vit_block": -1,                 # Vision Transformers: the block whose tokens DPR decodes
+        "freeze_encoder": False,         # train only the DPR decoder
+        "layer_decay": 1.0,              # Vision Transformers: lr x decay^(blocks above), 1: off
+        "grad_checkpointing": False,     # recompute encoder activations in backward (less memory)
         "crop_size": 224,
         "epochs": 10,
         "batch_size": 16,
@@ -129,6 +140,9 @@ DEFAULTS = {
 
 OPTIONAL_TYPES = {
     "data.pseudo_mask_dir": (str,),
+    "data.mean": (list,),
+    "data.std": (list,),
+    "stage1.vit_blocks": (list,),
     "data.background": (str,),
     "inference.window": (int,),
     "inference.overlap": (float, int),
@@ -139,6 +153,8 @@ UNION_TYPES = {  # keys that accept more than one type
     "stage1.pretrained": (bool, str),
     "stage2.pretrained": (bool, str),
 }
+# Mappings passed on as they are (keyword arguments of another library), not settings of ours.
+FREE_MAPPINGS = ("stage1.backbone_kwargs", "stage2.encoder_kwargs")
 CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "data.mask_encoding": ("index", "binary255", "instance"),
@@ -213,6 +229,11 @@ def _merge(base, update, source, prefix=""):
         if key not in base:
             raise ConfigError(f"{source}: unknown key '{dotted}'; known keys here: {', '.join(sorted(base))}.")
         default = base[key]
+        if dotted in FREE_MAPPINGS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' must be a mapping of keyword arguments, not {value!r}.")
+            base[key] = {**default, **value}
+            continue
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{dotted}' must be a mapping of settings, not {value!r}.")
@@ -276,6 +297,7 @@ def _validate(cfg, source):
             raise ConfigError(f"{source}: '{key}' needs three numbers, one per classifier head.")
     if len(cfg["stage1"]["out_indices"]) != 3:
         raise ConfigError(f"{source}: 'stage1.out_indices' needs three stage indices.")
+    _validate_encoder_settings(cfg, source)
     for key in ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
                 "stage2.ema_decay"):
         if not 0 <= _get(cfg, key) < 1:
@@ -285,6 +307,29 @@ def _validate(cfg, source):
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")
     if cfg["inference"]["window"] is not None and cfg["inference"]["window"] <= 0:
         raise ConfigError(f"{source}: 'inference.window' must be positive, got {cfg['inference']['window']!r}.")
+
+
+def _validate_encoder_settings(cfg, source):
+    from utils.timm_settings import model_kwargs
+    for key in ("data.mean", "data.std"):
+        value = _get(cfg, key)
+        if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                              for v in value)):
+            raise ConfigError(f"{source}: '{key}' needs three numbers (R, G, B) or null, got {value!r}.")
+    if cfg["data"]["std"] is not None and min(cfg["data"]["std"]) <= 0:
+        raise ConfigError(f"{source}: 'data.std' must be positive, got {cfg['data']['std']!r}.")
+    blocks = cfg["stage1"]["vit_blocks"]
+    if blocks is not None and (len(blocks) != 3 or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                            for b in blocks)):
+        raise ConfigError(f"{source}: 'stage1.vit_blocks' needs three block indices or null, got {blocks!r}.")
+    for key in ("stage1.layer_decay", "stage2.layer_decay"):
+        if not 0 < _get(cfg, key) <= 1:
+            raise ConfigError(f"{source}: '{key}' must be in (0, 1] (1: off), got {_get(cfg, key)!r}.")
+    for key in FREE_MAPPINGS:
+        try:
+            model_kwargs(_get(cfg, key), key)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
 
 
 def parse_override(text):

@@ -28,8 +28,14 @@ class FlipAveraged(nn.Module):
 
 
 def segmenter_meta(cfg):
-    """What a stage-2 model file carries so that inference needs nothing else."""
-    return {"encoder": cfg.stage2.encoder, "classes": list(cfg.data.classes),
+    """What a stage-2 model file carries so that inference needs nothing else, the hub included: the timm
+    architecture behind a `hf-hub:` name and the kwargs of its hub config, the YAML's encoder kwargs as
+    written (class names, not classes) and the ViT block."""
+    from models.timm_encoder import timm_architecture
+    architecture, hub_args, _ = timm_architecture(cfg.stage2.encoder)
+    return {"encoder": cfg.stage2.encoder, "encoder_architecture": architecture, "encoder_hub_args": hub_args,
+            "encoder_kwargs": dict(cfg.stage2.encoder_kwargs), "vit_block": cfg.stage2.vit_block,
+            "classes": list(cfg.data.classes),
             "palette": [list(c) for c in cfg.data.palette], "mean": list(cfg.data.mean),
             "std": list(cfg.data.std), "window": cfg.stage2.window, "overlap": cfg.stage2.overlap,
             "background": background_index(cfg.data.classes, cfg.data.background),
@@ -47,11 +53,24 @@ def load_segmenter(path, device):
     if missing:
         raise CheckpointError(f"{path}: a stage-2 file without {', '.join(missing)} in its metadata; "
                               "re-export it with 2_train_stage2.py.")
+    from utils.config import ConfigError
+    from utils.timm_settings import model_kwargs
+    # Files from before ViT encoders carry neither the architecture nor kwargs: a registry name without any.
+    architecture = meta.get("encoder_architecture", meta["encoder"])
+    try:
+        kwargs = {**meta.get("encoder_hub_args", {}), **model_kwargs(meta.get("encoder_kwargs", {}), "encoder_kwargs")}
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: its metadata holds {error}") from None
     # Built without memory on the meta device, then given the file's tensors: random initialisation of
     # weights about to be replaced took most of the start-up time.
-    with torch.device("meta"):
-        model = DPR(meta["encoder"], len(meta["classes"]), pretrained=False,
-                    refine=meta.get("refinement_attention", True), aux=False)
+    try:
+        with torch.device("meta"):
+            model = DPR(architecture, len(meta["classes"]), pretrained=False,
+                        refine=meta.get("refinement_attention", True), aux=False, encoder_kwargs=kwargs,
+                        vit_block=meta.get("vit_block", -1))
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: its encoder {architecture} cannot be built with this timm "
+                              f"({str(error).splitlines()[0][:200]}).") from None
     # the auxiliary path only trains: it is neither built nor loaded for prediction
     weights = {name: tensor for name, tensor in payload["model"].items() if not name.startswith("aux_head.")}
     try:

@@ -13,24 +13,54 @@ class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, out of memory); the message says what to change."""
 
 
-def sgd_with_multipliers(pretrained_modules, new_modules, lr, momentum, weight_decay, new_mult=10.0):
+def sgd_with_multipliers(pretrained_modules, new_modules, lr, momentum, weight_decay, new_mult=10.0,
+                         layer_scales=None):
     """SGD with the usual WSSS multipliers: x1 weights / x2 biases for pretrained layers, x10 / x20 for new ones.
 
-    Biases and normalisation parameters get no weight decay. Frozen parameters are left out.
+    Biases and normalisation parameters get no weight decay. Frozen parameters are left out. `layer_scales`
+    ({id(param): factor}, see layer_decay_scales) scales the rate of pretrained parameters further.
     """
-    groups = {key: [] for key in ("old_w", "old_b", "new_w", "new_b")}
-    seen = set()
+    layer_scales = layer_scales or {}
+    groups, seen = {}, set()
     for prefix, modules in (("old", pretrained_modules), ("new", new_modules)):
         for module in modules:
             for name, param in module.named_parameters():
                 if not param.requires_grad or id(param) in seen:
                     continue
                 seen.add(id(param))
-                groups[f"{prefix}_{'b' if param.ndim <= 1 else 'w'}"].append(param)
-    spec = {"old_w": (1.0, weight_decay), "old_b": (2.0, 0.0),
-            "new_w": (new_mult, weight_decay), "new_b": (2.0 * new_mult, 0.0)}
-    param_groups = [{"params": params, "lr": lr * spec[key][0], "initial_lr": lr * spec[key][0],
-                     "weight_decay": spec[key][1]} for key, params in groups.items() if params]
+                scale = layer_scales.get(id(param), 1.0) if prefix == "old" else 1.0
+                groups.setdefault((prefix, "b" if param.ndim <= 1 else "w", scale), []).append(param)
+    spec = {("old", "w"): (1.0, weight_decay), ("old", "b"): (2.0, 0.0),
+            ("new", "w"): (new_mult, weight_decay), ("new", "b"): (2.0 * new_mult, 0.0)}
+    # old weights, old biases, new weights, new biases; deeper layers (larger scale) first within each
+    order = sorted(groups, key=lambda key: (key[0] != "old", key[1] == "b", -key[2]))
+    param_groups = [{"params": groups[key], "lr": lr * spec[key[:2]][0] * key[2],
+                     "initial_lr": lr * spec[key[:2]][0] * key[2], "weight_decay": spec[key[:2]][1]}
+                    for key in order]
+    return sgd(param_groups, lr, momentum, weight_decay)
+
+
+def layer_decay_scales(module, decay):
+    """{id(param): lr factor} for layer-wise learning-rate decay over a module that lists its layer_groups()
+    from the input side to the output side: the last group keeps the full rate, each one before it is
+    scaled by `decay` once more (so a ViT's patch embedding learns slowest). decay 1: {} (off)."""
+    if decay == 1:
+        return {}
+    named = dict(module.named_parameters())
+    groups = module.layer_groups()
+    return {id(named[name]): decay ** (len(groups) - 1 - depth)
+            for depth, names in enumerate(groups) for name in names}
+
+
+def sgd_with_layer_decay(model, encoder, lr, momentum, weight_decay, decay):
+    """SGD over the trainable parameters of `model`; those of `encoder` at rates scaled by layer decay."""
+    scales = layer_decay_scales(encoder, decay)
+    groups = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            groups.setdefault(scales.get(id(param), 1.0), []).append(param)
+    param_groups = [{"params": params, "lr": lr * scale, "initial_lr": lr * scale}
+                    for scale, params in sorted(groups.items(), reverse=True)]
     return sgd(param_groups, lr, momentum, weight_decay)
 
 
