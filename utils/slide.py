@@ -313,10 +313,18 @@ class TilePlan:
     tiles: list                    # those on tissue: the ones to read and predict
 
 
+def choose_thumbnail_downsample(slide):
+    """About THUMBNAIL_SIDE pixels on the longer side. A level up to 2x coarser is taken as it is: reading a
+    finer level whole and shrinking it cost more than the rest of a small slide's start."""
+    target = max(1.0, max(slide.dimensions) / THUMBNAIL_SIDE)
+    coarser = [d for d in slide.level_downsamples if target <= d <= 2 * target]
+    return coarser[0] if coarser else target
+
+
 def plan_tiles(slide, window, overlap, resolution):
     """Find tissue on a thumbnail and keep the windows that touch it."""
     width0, height0 = slide.dimensions
-    thumbnail_downsample = max(1.0, max(width0, height0) / THUMBNAIL_SIDE)
+    thumbnail_downsample = choose_thumbnail_downsample(slide)
     thumbnail = read_downsampled(slide, thumbnail_downsample)
     tissue = detect_tissue(thumbnail)
     analysis_ds = resolution.downsample
@@ -324,15 +332,35 @@ def plan_tiles(slide, window, overlap, resolution):
     return TilePlan(thumbnail, tissue, grid, tiles_on_tissue(grid, window, analysis_ds, tissue, thumbnail_downsample))
 
 
-def _read_tile(slide, corner, resolution, scale, window):
-    x, y = corner
-    size = max(1, int(round(window * scale)))
-    region = slide.read(round(x * resolution.downsample), round(y * resolution.downsample),
-                        resolution.level, size, size)
-    if size != window:
-        interpolation = cv2.INTER_AREA if size > window else cv2.INTER_LINEAR
-        region = cv2.resize(region, (window, window), interpolation=interpolation)
-    return region
+# Neighbouring windows of one row are read as one region, so the pixels they share are read, decoded and
+# resized once. At most this many windows a region, so that a batch still keeps several reader threads busy.
+RUN_LENGTH = 8
+
+
+def row_runs(corners, window, longest=RUN_LENGTH):
+    """Split corners (in grid order) into runs of windows on one row whose footprints leave no gap."""
+    runs = []
+    for corner in corners:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and corner[1] == last[1] and 0 < corner[0] - last[0] <= window
+                and len(runs[-1]) < longest):
+            runs[-1].append(corner)
+        else:
+            runs.append([corner])
+    return runs
+
+
+def _read_run(slide, run, resolution, scale, window):
+    """The windows of one run, each window x window x 3: one region at the level, resized once to the analysis
+    resolution, then cut."""
+    (left, top), right = run[0], run[-1][0] + window
+    width, height = max(1, round((right - left) * scale)), max(1, round(window * scale))
+    region = slide.read(round(left * resolution.downsample), round(top * resolution.downsample),
+                        resolution.level, width, height)
+    if (width, height) != (right - left, window):
+        interpolation = cv2.INTER_AREA if height > window else cv2.INTER_LINEAR
+        region = cv2.resize(region, (right - left, window), interpolation=interpolation)
+    return [region[:, x - left:x - left + window] for x, _ in run]
 
 
 def read_tile_batches(slide, tiles, resolution, window, batch_size, workers=4):
@@ -346,15 +374,15 @@ def read_tile_batches(slide, tiles, resolution, window, batch_size, workers=4):
         def submit_next():
             batch = next(upcoming, None)
             if batch is not None:
-                pending.append((batch, [pool.submit(_read_tile, slide, c, resolution, scale, window)
-                                        for c in batch]))
+                pending.append((batch, [pool.submit(_read_run, slide, run, resolution, scale, window)
+                                        for run in row_runs(batch, window)]))
 
         for _ in range(2):  # read ahead by one batch: disk and decoding overlap the forward pass
             submit_next()
         while pending:
             batch, futures = pending.popleft()
             submit_next()
-            yield batch, np.stack([future.result() for future in futures])
+            yield batch, np.stack([tile for future in futures for tile in future.result()])
 
 
 def segment_slide(slide, predict_batch, num_classes, window, overlap, batch_size, resolution,
