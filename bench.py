@@ -1,25 +1,33 @@
-"""Speed and memory of the four steps users wait for, on synthetic data.
+"""Speed and memory of the steps users wait for, on synthetic data.
 
     python bench.py            # paper settings: ResNet-38 + IBM (batch 20, 224 px), ResNeSt-200e DPR (batch 16)
-    python bench.py --quick    # small networks and images: under a minute on a laptop CPU
+    python bench.py --quick    # small networks and images: a minute or two on a laptop CPU
 
 Prints one line per figure (images/s, peak memory, model-FLOPs utilisation for the training steps) and
 writes the same to bench.json. (a) stage-1 training step, (b) CAMs + pseudo-masks end to end from PNG tiles
-on disk to PNG masks on disk, (c) stage-2 training step, (d) inference end to end from PNG tiles to PNG masks.
+on disk to PNG masks on disk, (c) stage-2 training step, (d) inference end to end from PNG tiles to PNG masks,
+(e) a whole slide end to end, from a generated pyramidal 40x slide (40,000 px square, about 30% tissue;
+6,144 px with --quick) to its GeoJSON, PNG and pyramidal TIFF masks, beside the model-only rate on the same
+tiles, in one run. The full-size slide takes about 1.5 GB of temporary disk and 40 s to generate.
 The ViT figures time (a) and (c) with a ViT-L/16 encoder (the size of UNI; random weights, the speed is the
 same), its whole network trained and with the encoder frozen: stage1_train_vit, stage2_train_vit, and the
 same with _frozen (`--only stage1_train_vit stage2_train_vit` runs two of them).
 """
 import argparse
+import csv
 import gc
 import importlib
+import math
 import platform
 import sys
 import tempfile
 import time
 import traceback
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,6 +39,11 @@ from utils.files import write_json
 from utils.runtime import compile_model, setup_runtime
 from utils.timm_settings import resolve_normalisation
 
+# The generated slide: a 40x scan (0.25 um/px) read by a model trained at 20x (0.5 um/px), so tiles are read
+# at level 0 and shrunk 2x, as with most .svs files, whose levels are 4x apart.
+SLIDE = {"mpp": 0.25, "model_mpp": 0.5, "tissue": 0.3, "tile": 256, "level_factor": 4, "texture": 1024,
+         "warmup_size": 2048}
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
               "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
@@ -38,18 +51,20 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 FULL = {"stage1_backbone": "resnet38", "stage1_batch": 20, "stage1_size": 224, "stage1_steps": 12,
         "cam_tiles": 2000, "cam_tile_size": 112, "cam_batch": 64,
         "stage2_encoder": "resnest200e", "stage2_batch": 16, "stage2_size": 224, "stage2_steps": 15,
-        "infer_tiles": 2000, "infer_size": 224, "infer_batch": 64}
+        "infer_tiles": 2000, "infer_size": 224, "infer_batch": 64,
+        "slide_size": 40000, "slide_model_tiles": 3200}
 # ViT figures: the encoder of UNI, Virchow and most pathology foundation models is this size or larger.
 FULL_VIT = {"vit": "vit_large_patch16_224", "vit_kwargs": {}, "vit_stage1_batch": 20, "vit_stage2_batch": 16,
             "vit_size": 224}
 QUICK_VIT = {"vit": "vit_tiny_patch16_224", "vit_kwargs": {"depth": 3}, "vit_stage1_batch": 4,
              "vit_stage2_batch": 4, "vit_size": 64}
-FIGURES = ("stage1_train", "cam_pseudo_masks", "stage2_train", "inference", "stage1_train_vit",
+FIGURES = ("stage1_train", "cam_pseudo_masks", "stage2_train", "inference", "slide", "stage1_train_vit",
            "stage1_train_vit_frozen", "stage2_train_vit", "stage2_train_vit_frozen")
 QUICK = {"stage1_backbone": "resnet10t", "stage1_batch": 4, "stage1_size": 64, "stage1_steps": 3,
          "cam_tiles": 32, "cam_tile_size": 48, "cam_batch": 16,
          "stage2_encoder": "resnet10t", "stage2_batch": 4, "stage2_size": 64, "stage2_steps": 3,
-         "infer_tiles": 32, "infer_size": 64, "infer_batch": 16}
+         "infer_tiles": 32, "infer_size": 64, "infer_batch": 16,
+         "slide_size": 6144, "slide_model_tiles": 512}
 
 
 def peak_flops(device):
@@ -262,7 +277,173 @@ def bench_vit(name, common, runtime, s):
     return result
 
 
+# ----- (e) a whole slide --------------------------------------------------------------------------------
+def tissue_layout(size, fraction, rng, cell=64):
+    """Where the tissue lies: one value per `cell` level-0 pixels, above 0.5 on tissue. Ellipses of tissue are
+    added until they cover `fraction` of the slide."""
+    cells = math.ceil(size / cell)
+    layout = np.zeros((cells, cells), np.float32)
+    while (layout > 0.5).mean() < fraction:
+        centre = tuple(int(v) for v in rng.uniform(0.1, 0.9, 2) * cells)
+        axes = tuple(int(v) for v in rng.uniform(0.04, 0.12, 2) * cells + 1)
+        cv2.ellipse(layout, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+    return cv2.GaussianBlur(layout, (0, 0), 1.5)
+
+
+def level_tiles(height, width, downsample, layout, texture, tile, cell=64, glass=241):
+    """Yield the deflate-compressed tiles of one level, row by row, compressed on threads.
+
+    Tissue is the texture repeated (each level holds it area-averaged, so levels agree) wherever the layout
+    says tissue; glass elsewhere. Tiles wholly on glass share one compressed tile.
+    """
+    period = texture.shape[0]
+    blank = zlib.compress(np.full((tile, tile, 3), glass, np.uint8).tobytes(), 1)
+    steps = np.arange(tile, dtype=np.float32)
+
+    def one(corner):
+        x0, y0 = corner
+        # layout coordinates of this tile's pixel centres
+        xs = ((x0 + steps + 0.5) * downsample / cell - 0.5).astype(np.float32)
+        ys = ((y0 + steps + 0.5) * downsample / cell - 0.5).astype(np.float32)
+        near = layout[max(0, int(ys[0]) - 1):int(ys[-1]) + 3, max(0, int(xs[0]) - 1):int(xs[-1]) + 3]
+        if near.size == 0 or near.max() <= 0.5:
+            return blank
+        map_x, map_y = np.meshgrid(xs, ys)
+        inside = cv2.remap(layout, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) > 0.5
+        rows, columns = (y0 + np.arange(tile)) % period, (x0 + np.arange(tile)) % period
+        pixels = np.where(inside[..., None], texture[np.ix_(rows, columns)], np.uint8(glass))
+        return zlib.compress(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), 1)
+
+    with ThreadPoolExecutor(8) as pool:
+        for y0 in range(0, height, tile):
+            yield from pool.map(one, [(x0, y0) for x0 in range(0, width, tile)])
+
+
+def write_bench_slide(path, size, texture, seed=0):
+    """A pyramidal tiled TIFF that OpenSlide reads like a scanner's file: `size` px square at SLIDE['mpp'],
+    levels SLIDE['level_factor'] times smaller each, about SLIDE['tissue'] of it tissue. Tiles are made and
+    compressed one at a time, so a 40,000 px slide needs little memory."""
+    import tifffile
+    rng = np.random.default_rng(seed)
+    layout = tissue_layout(size, SLIDE["tissue"], rng)
+    tile, factor = SLIDE["tile"], SLIDE["level_factor"]
+    sides = [size]
+    while sides[-1] // factor >= tile:
+        sides.append(sides[-1] // factor)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path, bigtiff=size * size * 3 > 2 ** 31) as tif:
+        for index, side in enumerate(sides):
+            downsample = size / side
+            small = max(1, round(texture.shape[0] / downsample))
+            level_texture = texture if index == 0 else cv2.resize(texture, (small, small), interpolation=cv2.INTER_AREA)
+            per_centimetre = 1e4 / (SLIDE["mpp"] * downsample)
+            tif.write(level_tiles(side, side, downsample, layout, level_texture, tile),
+                      shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                      compression="zlib", subfiletype=1 if index else 0, metadata=None,
+                      resolution=(per_centimetre, per_centimetre), resolutionunit="CENTIMETER")
+    return float((layout > 0.5).mean())
+
+
+def bench_slide(cfg, runtime, s, model, workdir):
+    """One generated slide: model-only tiles/s on its tissue tiles (before and after), and end to end."""
+    from utils.checkpoint import STAGE2_FORMAT, save_checkpoint
+    from utils.cuda_graphs import GraphedForward
+    from utils.demo_data import render_tissue
+    from utils.predict import load_segmenter, segmenter_meta
+    from utils.slide import Slide, choose_resolution, plan_tiles, read_tile_batches
+    inference = importlib.import_module("inference")
+    cfg.stage2.encoder = s["stage2_encoder"]
+    cfg.stage2.window = s["infer_size"]
+    cfg.data.mpp = SLIDE["model_mpp"]
+    checkpoint = workdir / "slide_model.pth"
+    save_checkpoint(checkpoint, {"format": STAGE2_FORMAT, "model": model.state_dict(), "meta": segmenter_meta(cfg)})
+
+    started = time.perf_counter()
+    texture, _ = render_tissue(np.random.default_rng(0), SLIDE["texture"], SLIDE["texture"], "glands")
+    tissue = write_bench_slide(workdir / "slide" / "bench.tif", s["slide_size"], texture)
+    write_bench_slide(workdir / "slide_warmup" / "warmup.tif", SLIDE["warmup_size"], texture, seed=1)
+    generated = time.perf_counter() - started
+    batch = s["infer_batch"]
+
+    def run_inference(folder):
+        out = workdir / (folder + "_out")
+        argv = ["--checkpoint", str(checkpoint), "--input", str(workdir / folder), "--output", str(out),
+                "--device", str(runtime.device), "--batch-size", str(batch), "--mask-format", "tiff", "--overwrite"]
+        begun = time.perf_counter()
+        inference.main(argv)
+        seconds = time.perf_counter() - begun
+        with open(out / "summary.csv", newline="") as handle:
+            row = next(csv.DictReader(handle))
+        if row["status"] != "ok":
+            raise RuntimeError(f"the slide failed: {row['status']}")
+        return row, seconds
+
+    # the tiles inference reads, chosen the same way; the model alone on them, as inference calls it
+    loaded, meta = load_segmenter(checkpoint, runtime.device)
+    forward = GraphedForward(loaded, runtime)
+    with Slide(workdir / "slide" / "bench.tif") as slide:
+        resolution = choose_resolution(slide, model_mpp=meta["mpp"])
+        plan = plan_tiles(slide, meta["window"], meta["overlap"], resolution)
+        sample = plan.tiles[:s["slide_model_tiles"]]
+        batches = [images for _, images in read_tile_batches(slide, sample, resolution, meta["window"], batch)]
+
+    def model_only():
+        for images in batches[:3]:  # warm-up (and, on GPUs, the graph capture)
+            inference.predict_tile_batch(forward, list(images), runtime, meta["window"], meta["mean"], meta["std"],
+                                         batch)
+        synchronize(runtime.device)
+        begun = time.perf_counter()
+        for images in batches:
+            inference.predict_tile_batch(forward, list(images), runtime, meta["window"], meta["mean"], meta["std"],
+                                         batch)
+        synchronize(runtime.device)
+        return sum(len(images) for images in batches) / (time.perf_counter() - begun)
+
+    # Inside the end-to-end run, the time its forward passes take (the same calls, timed where they are made):
+    # the model's share of the slide's time, measured under the same load as the rest of the run.
+    in_run = {"seconds": 0.0}
+    predict_tile_batch = inference.predict_tile_batch
+
+    def timed_predict(*args):
+        synchronize(runtime.device)
+        begun = time.perf_counter()
+        logits = predict_tile_batch(*args)
+        synchronize(runtime.device)
+        in_run["seconds"] += time.perf_counter() - begun
+        return logits
+
+    run_inference("slide_warmup")
+    reset_memory(runtime.device)
+    before = model_only()
+    inference.predict_tile_batch = timed_predict
+    try:
+        row, command_seconds = run_inference("slide")
+    finally:
+        inference.predict_tile_batch = predict_tile_batch
+    after = model_only()
+    model_rate = (before + after) / 2  # the model-only rate is taken on both sides of the end-to-end run
+    tiles, slide_seconds = int(row["tiles_predicted"]), float(row["seconds"])
+    end_to_end = tiles / slide_seconds
+    return {"figure": "slide", "images_per_s": end_to_end, "model_only_images_per_s": model_rate,
+            "model_only_before_after": [before, after], "end_to_end_over_model_only": end_to_end / model_rate,
+            "model_share_of_slide_seconds": in_run["seconds"] / slide_seconds,
+            "seconds_per_slide": slide_seconds, "command_seconds": command_seconds, "tiles": tiles,
+            "tiles_total": int(row["tiles_total"]), "slide_px": s["slide_size"], "tissue_fraction": tissue,
+            "analysed_at": f"{row['analysis_mpp']} um/px", "window": meta["window"], "batch": batch,
+            "generate_seconds": generated, "peak_mem_gib": peak_memory_gib(runtime.device)}
+
+
 def describe(result):
+    if result["figure"] == "slide":
+        return (f"{'slide':<17} {result['images_per_s']:9.1f} tiles/s end to end, "
+                f"{result['model_only_images_per_s']:.1f} tiles/s model only: "
+                f"{100 * result['end_to_end_over_model_only']:.0f}% (the model busy "
+                f"{100 * result['model_share_of_slide_seconds']:.0f}% of the slide's time); "
+                f"{result['seconds_per_slide']:.1f} s per slide "
+                f"({result['command_seconds']:.1f} s with start-up), {result['tiles']} tiles of {result['window']} px, "
+                f"{result['slide_px']} px square slide with {100 * result['tissue_fraction']:.0f}% tissue analysed at "
+                f"{result['analysed_at']}"
+                + ("" if result.get("peak_mem_gib") is None else f", peak memory {result['peak_mem_gib']:.2f} GiB"))
     parts = [f"{result['figure']:<23} {result['images_per_s']:9.1f} images/s"]
     if result.get("peak_mem_gib") is not None:
         parts.append(f"peak memory {result['peak_mem_gib']:.2f} GiB")
@@ -322,7 +503,8 @@ def main(argv=None):
                 else:
                     if stage2_model is None:
                         stage2_model = importlib.import_module("2_train_stage2").build_segmenter(cfg)
-                    result = bench_inference(cfg, runtime, s, stage2_model.eval(), workdir)
+                    run = bench_inference if name == "inference" else bench_slide
+                    result = run(cfg, runtime, s, stage2_model.eval(), workdir)
             except Exception as error:  # one failing figure must not hide the others
                 traceback.print_exc()
                 result = {"figure": name, "error": f"{type(error).__name__}: {error}"}

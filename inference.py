@@ -2,11 +2,13 @@
 
     python inference.py --checkpoint runs/demo/stage2/best.pth --input DIR_OR_FILE --output DIR
 
-Writes <stem>_mask.png (class indices, palette colours) and <stem>_overlay.png per image; slides get a
-mask at --downsample, an overlay .jpg on the thumbnail and <stem>.geojson (QuPath annotations, level-0
-pixels). summary.csv has one row per input. Under torchrun each process takes its share of the inputs.
-Masks are the network's own unless --postprocess applies the checkpoint's post-processing. With --masks
-every image is also scored against its labelled mask: per image in summary.csv, over all in metrics.json.
+Writes <stem>_mask.png (class indices, palette colours) and <stem>_overlay.png per image; slides are
+analysed at the model's own microns per pixel and get a mask at --downsample, an overlay .jpg on the
+thumbnail, <stem>.geojson (QuPath annotations, level-0 pixels) and, with --mask-format tiff, a pyramidal
+<stem>_mask.tif for slide viewers. summary.csv has one row per input. Under torchrun each process takes its
+share of the inputs. Masks are the network's own unless --postprocess applies the checkpoint's
+post-processing. With --masks every image is also scored against its labelled mask: per image in
+summary.csv, over all in metrics.json.
 """
 import argparse
 import csv
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,7 +38,8 @@ from utils.predict import FlipAveraged, load_segmenter, predict_logits
 from utils.runtime import cleanup, setup_runtime
 from utils.scoring import FolderScore, check_mask_sizes, choose_encoding, find_masks
 from utils.sliding_window import count_windows
-from utils.slide import SLIDE_ONLY_SUFFIXES, Slide, choose_resolution, is_slide, mask_to_geojson, segment_slide
+from utils.slide import (MPP_TOLERANCE, SLIDE_ONLY_SUFFIXES, Slide, choose_resolution, describe_resolution, is_slide,
+                         mask_to_geojson, segment_slide, write_mask_tiff)
 from utils.transforms import normalize_batch
 
 SUMMARY = "summary.csv"
@@ -56,10 +60,21 @@ def build_parser():
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     parser.add_argument("--recursive", action="store_true", help="also look in subfolders")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--mpp", type=float, help="slides: analyse at this many microns per pixel")
-    where.add_argument("--level", type=int, help="slides: analyse this OpenSlide level (default: level 0)")
+    where.add_argument("--mpp", type=float,
+                       help="analyse at this many microns per pixel instead of the model's own (slides, and "
+                            "images with --input-mpp)")
+    where.add_argument("--level", type=int,
+                       help="slides: analyse this OpenSlide level as it is (default: the level nearest the "
+                            "model's resolution, at or finer, resized to it)")
+    parser.add_argument("--input-mpp", type=float,
+                        help="microns per pixel of inputs that do not state their own: plain images, which are "
+                             "then resized to the model's resolution for the network (outputs keep their size), "
+                             "and slides without an mpp property")
     parser.add_argument("--downsample", type=float, default=8.0,
                         help="slides: level-0 pixels per pixel of the saved mask (default: %(default)s)")
+    parser.add_argument("--mask-format", choices=("png", "tiff"), default="png",
+                        help="slides: tiff also writes <name>_mask.tif, a tiled pyramidal TIFF of class indices "
+                             "with the slide's resolution, which slide viewers overlay (default: png only)")
     parser.add_argument("--no-tta", action="store_true",
                         help="skip the flip test-time augmentation a model trained with stage2.tta_flip uses "
                              "(3x faster, slightly different masks)")
@@ -86,6 +101,8 @@ def check_args(parser, args):
         parser.error(f"--overlap must be in [0, 1), got {args.overlap}.")
     if args.mpp is not None and args.mpp <= 0:
         parser.error(f"--mpp must be positive, got {args.mpp}.")
+    if args.input_mpp is not None and args.input_mpp <= 0:
+        parser.error(f"--input-mpp must be positive, got {args.input_mpp}.")
     if args.downsample < 1:
         parser.error(f"--downsample must be at least 1, got {args.downsample}.")
     if args.mask_downsample < 1:
@@ -147,12 +164,14 @@ def safe_name(text):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "class"
 
 
-def output_paths(job, classes, save_probs):
+def output_paths(job, classes, save_probs, mask_tiff=False):
     base = job.out_base
     paths = {"mask": base.with_name(base.name + "_mask.png"),
              "overlay": base.with_name(base.name + ("_overlay.jpg" if job.slide else "_overlay.png"))}
     if job.slide:
         paths["geojson"] = base.with_name(base.name + ".geojson")
+        if mask_tiff:
+            paths["mask_tiff"] = base.with_name(base.name + "_mask.tif")
     if save_probs:
         for name in classes:
             paths[f"prob_{name}"] = base.with_name(f"{base.name}_prob_{safe_name(name)}.png")
@@ -171,6 +190,30 @@ def write_probabilities(paths, probs, classes):
         levels = np.clip(np.rint(channel * 255.0), 0, 255).astype(np.uint8)
         with atomic_path(paths[f"prob_{name}"]) as tmp:
             Image.fromarray(levels, mode="L").save(tmp, format="PNG")
+
+
+def image_zoom(input_mpp, analysis_mpp):
+    """Network pixels per image pixel: 1 unless both resolutions are known and differ by more than 1%."""
+    if input_mpp is None or analysis_mpp is None:
+        return 1.0
+    zoom = input_mpp / analysis_mpp
+    return 1.0 if abs(zoom - 1) <= MPP_TOLERANCE else zoom
+
+
+def zoomed(image, zoom):
+    """The image resized by `zoom` (area averaging when shrinking), or the image itself at zoom 1."""
+    if zoom == 1.0:
+        return image
+    height, width = image.shape[:2]
+    size = (max(1, round(width * zoom)), max(1, round(height * zoom)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR)
+
+
+def to_size(logits, size):
+    """N x C x h x w logits brought to size (H, W): network resolution back to the image's own."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def read_image(path):
@@ -254,7 +297,11 @@ class Segmenter:
         self.mean, self.std = list(meta["mean"]), list(meta["std"])
         self.window = int(args.window or meta["window"])
         self.overlap = float(meta["overlap"] if args.overlap is None else args.overlap)
-        self.pending = {}  # (h, w) -> [(job, image, seconds so far)]
+        self.pending = {}  # (h, w) of the images -> [(job, image, network input, seconds so far)]
+        self.model_mpp = meta.get("mpp")  # files from before the setting: unknown
+        # the resolution the network sees: --mpp, else the model's own (None: inputs' own pixels)
+        self.analysis_mpp = args.mpp if args.mpp is not None else self.model_mpp
+        self.zoom = image_zoom(args.input_mpp, self.analysis_mpp)  # plain images: network px per image px
         self.background = meta.get("background", 0)  # files from before the setting: class 0
         # classes whose enclosed holes are filled, only when asked: the main output is the network's own
         self.fill = list(meta.get("fill_holes", [])) if args.postprocess else []
@@ -266,8 +313,9 @@ class Segmenter:
 
     # ----- rows ---------------------------------------------------------------------------------
     def row(self, job, kind, status, width="", height="", seconds="", fractions=None, downsample="",
-            tiles=("", "")):
+            tiles=("", ""), analysis_mpp=None):
         row = {"file": job.name, "kind": kind, "width": width, "height": height, "mask_downsample": downsample,
+               "analysis_mpp": "" if analysis_mpp is None else f"{analysis_mpp:.4g}",
                "seconds": seconds if seconds == "" else f"{seconds:.2f}",
                "tiles_predicted": tiles[0], "tiles_total": tiles[1]}
         for index, name in enumerate(self.classes):
@@ -276,7 +324,8 @@ class Segmenter:
         return row
 
     def columns(self):
-        return (["file", "kind", "width", "height", "mask_downsample", "seconds", "tiles_predicted", "tiles_total"]
+        return (["file", "kind", "width", "height", "mask_downsample", "analysis_mpp", "seconds", "tiles_predicted",
+                 "tiles_total"]
                 + [f"frac_{name}" for name in self.classes] + (self.scorer.columns() if self.scorer else [])
                 + ["status"])
 
@@ -284,9 +333,12 @@ class Segmenter:
         """Score every image against its mask (job index -> path) as it is predicted."""
         self.scorer, self.masks = scorer, masks
 
+    def paths(self, job):
+        return output_paths(job, self.classes, self.args.save_probs, self.args.mask_format == "tiff")
+
     def skipped_row(self, job):
         """A row for an input whose outputs exist: fractions from the saved mask, sizes from the input."""
-        paths = output_paths(job, self.classes, self.args.save_probs)
+        paths = self.paths(job)
         fractions, width, height, kind = None, "", "", "slide" if job.slide else "image"
         try:
             mask = np.asarray(Image.open(paths["mask"]))
@@ -296,7 +348,7 @@ class Segmenter:
                     width, height = slide.dimensions
             else:  # a plain image's mask has the image's size
                 height, width = mask.shape
-                kind = "tile" if max(width, height) <= self.window else "image"
+                kind = "tile" if max(round(width * self.zoom), round(height * self.zoom)) <= self.window else "image"
         except Exception:  # the row is informative only; the outputs already exist
             pass
         return self.row(job, kind, "skipped", width, height, fractions=fractions)
@@ -306,32 +358,44 @@ class Segmenter:
         return self.row(job, kind, f"error: {message}")
 
     # ----- plain images -------------------------------------------------------------------------
+    def read(self, path):
+        """(image, network input): the input is the image resized to the analysis resolution (--input-mpp).
+        Runs on a reader thread."""
+        image = read_image(path)
+        return image, zoomed(image, self.zoom)
+
+    def image_mpp(self):
+        """Microns per pixel the network sees in plain images, when known."""
+        return None if self.args.input_mpp is None else self.args.input_mpp / self.zoom
+
     def add_image(self, job, loaded):
         """Predict now (large images) or queue for a batched forward (tiles); returns finished rows.
 
-        `loaded` is the future of read_image(job.path), read ahead on a worker thread.
+        `loaded` is the future of self.read(job.path), read ahead on a worker thread. Logits are brought
+        back to the image's own size, so masks, probabilities and scores are in the image's pixels.
         """
         start = time.perf_counter()
         try:
-            image = loaded.result()
+            image, network_input = loaded.result()
         except Exception as error:  # any unreadable file becomes an error row, never a crash
             return [self.error_row(job, "image", error)]
-        height, width = image.shape[:2]
+        height, width = network_input.shape[:2]
         if height <= self.window and width <= self.window:
-            group = self.pending.setdefault((height, width), [])
-            group.append((job, image, time.perf_counter() - start))
-            rows = self.flush((height, width)) if len(group) >= self.args.batch_size else []
+            key = image.shape[:2]  # the network input's size follows from the image's
+            group = self.pending.setdefault(key, [])
+            group.append((job, image, network_input, time.perf_counter() - start))
+            rows = self.flush(key) if len(group) >= self.args.batch_size else []
             if sum(len(g) for g in self.pending.values()) > 4 * self.args.batch_size:
                 rows += self.flush(max(self.pending, key=lambda k: len(self.pending[k])))
             return rows
         try:
-            logits = predict_logits(self.model, image, self.runtime, self.window, self.overlap,
+            logits = predict_logits(self.model, network_input, self.runtime, self.window, self.overlap,
                                     self.args.batch_size, self.mean, self.std, len(self.classes))
-            masks, raw, fractions, probs = self.decide(logits)
+            masks, raw, fractions, probs = self.decide(to_size(logits, image.shape[:2]))
         except torch.OutOfMemoryError:
             return [self.error_row(job, "image", f"{job.path}: out of memory on {self.runtime.device}; "
                                    "lower --batch-size or use --device cpu.")]
-        return [self.finish_image(job, "image", image, masks[0], raw[0], fractions[0],
+        return [self.finish_image(job, "image", image, (height, width), masks[0], raw[0], fractions[0],
                                   None if probs is None else probs[0], start, time.perf_counter() - start)]
 
     def flush(self, key):
@@ -340,16 +404,16 @@ class Segmenter:
             return []
         start = time.perf_counter()
         try:
-            logits = predict_tile_batch(self.forward, [image for _, image, _ in group], self.runtime,
-                                        self.window, self.mean, self.std, self.args.batch_size)
-            masks, raw, fractions, probs = self.decide(logits)
+            logits = predict_tile_batch(self.forward, [network_input for _, _, network_input, _ in group],
+                                        self.runtime, self.window, self.mean, self.std, self.args.batch_size)
+            masks, raw, fractions, probs = self.decide(to_size(logits, key))
         except torch.OutOfMemoryError:
             return [self.error_row(job, "tile", f"{job.path}: out of memory on {self.runtime.device}; "
-                                   "lower --batch-size.") for job, _, _ in group]
+                                   "lower --batch-size.") for job, _, _, _ in group]
         share = (time.perf_counter() - start) / len(group)
-        return [self.finish_image(job, "tile", image, masks[i], raw[i], fractions[i],
+        return [self.finish_image(job, "tile", image, network_input.shape[:2], masks[i], raw[i], fractions[i],
                                   None if probs is None else probs[i], time.perf_counter(), read_seconds + share)
-                for i, (job, image, read_seconds) in enumerate(group)]
+                for i, (job, image, network_input, read_seconds) in enumerate(group)]
 
     def decide(self, logits):
         """Class masks (argmax on the device, uint8 to the host) after any post-processing, the masks before it,
@@ -379,12 +443,12 @@ class Segmenter:
             rows += self.flush(key)
         return rows
 
-    def finish_image(self, job, kind, image, mask, raw, fractions, probs, write_start, seconds):
-        paths = output_paths(job, self.classes, self.args.save_probs)
+    def finish_image(self, job, kind, image, network_size, mask, raw, fractions, probs, write_start, seconds):
+        paths = self.paths(job)
         height, width = mask.shape
-        windows = count_windows(height, width, self.window, self.overlap)
+        windows = count_windows(*network_size, self.window, self.overlap)
         row = self.row(job, kind, "ok", width, height, seconds + time.perf_counter() - write_start,
-                       fractions, 1, (windows, windows))
+                       fractions, 1, (windows, windows), self.image_mpp())
         if self.scorer is not None:
             row.update(self.scorer.add(self.masks[job.index], raw, mask if self.fill else None))
         self.writes.append((self.writer.submit(self.write_outputs, job, paths, image, mask, probs), row))
@@ -415,9 +479,16 @@ class Segmenter:
         start = time.perf_counter()
         args = self.args
         try:
-            with Slide(job.path) as slide:
-                resolution = choose_resolution(slide, args.mpp, args.level)
-                bar = tqdm(desc=f"  {job.path.name}", unit="tile", leave=False, position=position,
+            with Slide(job.path, fallback_mpp=args.input_mpp) as slide:
+                resolution = choose_resolution(slide, args.mpp, args.level, self.model_mpp)
+                if slide.mpp is None and args.level is None and self.model_mpp is not None:
+                    warn(f"{job.path} does not state its microns per pixel; assumed it was scanned at the "
+                         f"model's {self.model_mpp:g} um/px and analysed level 0 as it is (--input-mpp states "
+                         "the scan's resolution, --level picks a level)")
+                slide_mpp = slide.mpp
+                analysis_mpp = None if slide.mpp is None else slide.mpp * resolution.downsample
+                where = describe_resolution(slide, resolution)
+                bar = tqdm(desc=f"  {job.path.name}, {where}", unit="tile", leave=False, position=position,
                            disable=not self.runtime.is_main)
 
                 def progress(done, total):
@@ -432,7 +503,7 @@ class Segmenter:
                 try:
                     result = segment_slide(slide, predict, len(self.classes), self.window, self.overlap,
                                            args.batch_size, resolution, args.downsample, progress,
-                                           background=self.background)
+                                           workers=IO_THREADS, background=self.background)
                 finally:
                     bar.close()
                 dimensions = slide.dimensions
@@ -444,7 +515,7 @@ class Segmenter:
         except torch.OutOfMemoryError:
             return self.error_row(job, "slide", f"{job.path}: out of memory on {self.runtime.device}; "
                                   "lower --batch-size.")
-        paths = output_paths(job, self.classes, args.save_probs)
+        paths = self.paths(job)
         try:
             thumb_mask = np.asarray(Image.fromarray(result.mask).resize(
                 (result.thumbnail.shape[1], result.thumbnail.shape[0]), Image.NEAREST))
@@ -454,12 +525,46 @@ class Segmenter:
             geojson = mask_to_geojson(result.mask, self.classes, self.palette, result.mask_downsample, dimensions,
                                       background=self.background)
             write_text(paths["geojson"], _compact_json(geojson))
-            write_palette_png(paths["mask"], result.mask, self.palette)
+            if "mask_tiff" in paths:
+                write_mask_tiff(paths["mask_tiff"], result.mask,
+                                None if slide_mpp is None else slide_mpp * result.mask_downsample)
+            write_palette_png(paths["mask"], result.mask, self.palette)  # last: its presence marks a finished slide
         except OSError as error:
             return self.error_row(job, "slide", f"writing outputs for {job.path} failed ({error}).")
         return self.row(job, "slide", "ok", dimensions[0], dimensions[1], time.perf_counter() - start,
                         class_fractions(result.mask, len(self.classes)), f"{result.mask_downsample:g}",
-                        (result.tiles_predicted, result.tiles_total))
+                        (result.tiles_predicted, result.tiles_total), analysis_mpp)
+
+
+def describe_analysis(args, segmenter, jobs):
+    """Where slides and images are analysed, and one warning when the model's resolution is needed but unknown."""
+    slides, images = any(job.slide for job in jobs), any(not job.slide for job in jobs)
+    unknown = segmenter.model_mpp is None and args.mpp is None
+    if slides:
+        if args.level is not None:
+            where = f"level {args.level} as it is"
+        elif args.mpp is not None:
+            where = f"{args.mpp:g} um/px (--mpp)"
+        elif not unknown:
+            where = f"the model's {segmenter.model_mpp:g} um/px"
+        else:
+            where = "level 0 as it is"
+        if args.level is None and not unknown:
+            where += " (the nearest level at or finer, tiles resized to match)"
+        print(f"slides: analysed at {where}; masks and GeoJSON at downsample {args.downsample:g} "
+              "(level-0 pixels per mask pixel)")
+    if images and args.input_mpp is not None and not unknown:
+        print(f"images: {args.input_mpp:g} um/px (--input-mpp) analysed at {segmenter.analysis_mpp:g} um/px; "
+              "outputs keep the images' size")
+    if unknown and ((slides and args.level is None) or (images and args.input_mpp is not None)):
+        warn(f"{args.checkpoint} does not state the microns per pixel of its training images (data.mpp); assumed "
+             "they match the inputs, so every input is analysed at its own pixel size (level 0 of slides); "
+             "--mpp or --level choose a resolution")
+
+
+def warn(message):
+    """One line on stderr that leaves progress bars intact."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def _compact_json(obj):
@@ -560,16 +665,11 @@ def run(args, runtime):
             print(f"--postprocess: {args.checkpoint} defines no post-processing (postprocess in its data set's "
                   "YAML); masks are the network's own")
         print("post-processing: " + (segmenter.steps if segmenter.fill else "none (the network's own masks)"))
-        if any(job.slide for job in jobs):
-            where = (f"{args.mpp} um/px" if args.mpp else f"level {args.level}" if args.level is not None
-                     else "level 0")
-            print(f"slides: analysed at {where}; masks and GeoJSON at downsample {args.downsample:g} "
-                  "(level-0 pixels per mask pixel)")
+        describe_analysis(args, segmenter, jobs)
 
     rows = []
     bar = tqdm(total=len(mine), desc="inference", unit="file", disable=not runtime.is_main)
-    todo = [job for job in mine if args.overwrite or not all(
-        p.is_file() for p in output_paths(job, segmenter.classes, args.save_probs).values())]
+    todo = [job for job in mine if args.overwrite or not all(p.is_file() for p in segmenter.paths(job).values())]
     waiting = {job.index for job in todo}
     for job in mine:
         if job.index not in waiting:
@@ -578,7 +678,7 @@ def run(args, runtime):
     with ThreadPoolExecutor(max_workers=IO_THREADS) as readers:
         images = [job for job in todo if not job.slide]
         ahead = 4 * args.batch_size + IO_THREADS  # images decoded ahead of the device, bounded for memory
-        loading = {job.index: readers.submit(read_image, job.path) for job in images[:ahead]}
+        loading = {job.index: readers.submit(segmenter.read, job.path) for job in images[:ahead]}
         next_to_load = len(loading)
         for job in todo:
             if job.slide:
@@ -586,7 +686,7 @@ def run(args, runtime):
             else:
                 if next_to_load < len(images):
                     upcoming = images[next_to_load]
-                    loading[upcoming.index] = readers.submit(read_image, upcoming.path)
+                    loading[upcoming.index] = readers.submit(segmenter.read, upcoming.path)
                     next_to_load += 1
                 finished = segmenter.add_image(job, loading.pop(job.index))
             rows += finished

@@ -33,6 +33,9 @@ def test_overrides_apply_with_types(tmp_path):
     ("data: {mask_encoding: rgb}\n", "data.mask_encoding"),
     ("data: {classes: [a, b, c]}\n", "data.palette"),
     ("stage1: 5\n", "stage1"),
+    ("data: {mpp: 0}\n", "data.mpp"),
+    ("data: {mpp: true}\n", "data.mpp"),
+    ("data: {mpp: 20x}\n", "data.mpp"),
 ])
 def test_bad_settings_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -53,3 +56,13 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(tmp_path / "run" / "config.yaml")
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_training_resolution_is_part_of_the_model_metadata():
+    from utils.predict import segmenter_meta
+    assert load_config("configs/glas.yaml").data.mpp == pytest.approx(0.62)
+    assert load_config("configs/glas_cpu.yaml").data.mpp == pytest.approx(0.62)
+    assert load_config(None).data.mpp is None  # unknown unless a config states it
+    assert segmenter_meta(load_config("configs/demo.yaml"))["mpp"] == pytest.approx(0.5)
+    assert segmenter_meta(load_config(None, ["data.mpp=1"]))["mpp"] == 1.0
+    assert segmenter_meta(load_config(None, ["data.mpp=null"]))["mpp"] is None

@@ -135,6 +135,7 @@ def test_safetensors_model_predicts_exactly_as_the_pth(tmp_path, demo):
     from_pth, meta_pth = load_segmenter(out / "best.pth", "cpu")
     from_safetensors, meta_safetensors = load_segmenter(out / "best.safetensors", "cpu")
     assert meta_safetensors == meta_pth
+    assert meta_pth["mpp"] == 0.5  # the training images' resolution (configs/demo.yaml data.mpp) travels along
     image = read_rgb(sorted((shared / "data" / "test" / "img").glob("*.png"))[0])
     logits = [predict_logits(model, image, CPU, 32, 0.25, 4, meta_pth["mean"], meta_pth["std"], 2)
               for model in (from_pth, from_safetensors)]

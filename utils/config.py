@@ -29,6 +29,8 @@ DEFAULTS = {
         "pseudo_mask_dir": None,         # default: <root>/train/pseudo_mask
         "mean": None,                    # input normalisation; default: the stage network's pretrained_cfg
         "std": None,                     # (ImageNet's when it has none)
+        "mpp": None,                     # microns per pixel of the training images (null: unknown); slides
+                                         # are analysed at this resolution
         "background": "background",      # the class that is no tissue of interest, or null when every class is
         "test_splits": ["test"],         # held-out splits scored once for the final model; missing ones are skipped
         "demo": False,                   # synthesise the demo data set when root is missing
@@ -144,6 +146,7 @@ OPTIONAL_TYPES = {
     "data.std": (list,),
     "stage1.vit_blocks": (list,),
     "data.background": (str,),
+    "data.mpp": (float, int),
     "inference.window": (int,),
     "inference.overlap": (float, int),
     "stage2.init_from": (str,),
@@ -211,7 +214,10 @@ def _type_ok(key, default, value):
     if key in UNION_TYPES:
         return isinstance(value, UNION_TYPES[key])
     if default is None:
-        return isinstance(value, OPTIONAL_TYPES.get(key, (object,)))
+        allowed = OPTIONAL_TYPES.get(key, (object,))
+        if isinstance(value, bool) and bool not in allowed:  # YAML's true is an int to Python
+            return False
+        return isinstance(value, allowed)
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, float):
@@ -305,6 +311,10 @@ def _validate(cfg, source):
     for key in ("stage2.overlap", "inference.overlap"):
         if _get(cfg, key) is not None and not 0 <= _get(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")
+    mpp = cfg["data"]["mpp"]
+    if mpp is not None and not mpp > 0:
+        raise ConfigError(f"{source}: 'data.mpp' must be a positive number of microns per pixel, or null when "
+                          f"unknown; got {mpp!r}.")
     if cfg["inference"]["window"] is not None and cfg["inference"]["window"] <= 0:
         raise ConfigError(f"{source}: 'inference.window' must be positive, got {cfg['inference']['window']!r}.")
 

@@ -39,6 +39,8 @@ def segmenter_meta(cfg):
             "palette": [list(c) for c in cfg.data.palette], "mean": list(cfg.data.mean),
             "std": list(cfg.data.std), "window": cfg.stage2.window, "overlap": cfg.stage2.overlap,
             "background": background_index(cfg.data.classes, cfg.data.background),
+            # microns per pixel of the training images: slides are analysed at this resolution (None: unknown)
+            "mpp": None if cfg.data.mpp is None else float(cfg.data.mpp),
             "tta_flip": cfg.stage2.tta_flip, "refinement_attention": cfg.stage2.refinement_attention,
             # post-processing the data set's YAML defines; inference applies it only when asked to
             "fill_holes": class_indices(cfg.data.classes, cfg.postprocess.fill_holes)}

@@ -1,8 +1,8 @@
 """Whole-slide images: reading through OpenSlide, tissue detection, stitching tile logits, GeoJSON export.
 
-Coordinates have three scales: level 0 (the scan), the analysis resolution the network sees (chosen by
---level or --mpp) and the mask resolution (the saved class map). Each is given as a downsample from
-level 0, so `level0 = analysis_px * analysis_downsample = mask_px * mask_downsample`.
+Coordinates have three scales: level 0 (the scan), the analysis resolution the network sees (the model's
+own microns per pixel by default, or --mpp, or --level) and the mask resolution (the saved class map). Each
+is given as a downsample from level 0, so `level0 = analysis_px * analysis_downsample = mask_px * mask_downsample`.
 """
 import math
 from collections import deque
@@ -26,7 +26,10 @@ THUMBNAIL_SIDE = 2048
 # Otsu on saturation splits a slide into glass and tissue; clamped so that an all-glass slide finds no
 # tissue and an all-tissue slide is not cut in half.
 SATURATION_RANGE = (20, 50)
-MPP_TOLERANCE = 0.05
+# A level within 1% of the wanted resolution is read as it is: level downsamples of odd-sized pyramids and
+# scanners' own micron figures are off by more than that, and the network cannot tell the difference.
+MPP_TOLERANCE = 0.01
+MASK_TIFF_TILE = 256
 
 
 def import_openslide():
@@ -58,7 +61,8 @@ def is_slide(path):
 class Slide:
     """An OpenSlide image whose reads return H x W x 3 uint8 with transparent areas made white."""
 
-    def __init__(self, path):
+    def __init__(self, path, fallback_mpp=None):
+        """fallback_mpp: microns per pixel to assume when the file does not state its own (--input-mpp)."""
         openslide = import_openslide()
         self.path = Path(path)
         try:
@@ -72,6 +76,10 @@ class Slide:
             self.mpp = float(mpp) if mpp else None
         except ValueError:
             self.mpp = None
+        if self.mpp is not None and not self.mpp > 0:
+            self.mpp = None
+        if self.mpp is None:
+            self.mpp = fallback_mpp
 
     def read(self, x, y, level, width, height):
         """Region at level `level` whose top-left corner is (x, y) in level-0 pixels."""
@@ -119,28 +127,42 @@ class Resolution:
         return self.downsample / slide.level_downsamples[self.level]
 
 
-def choose_resolution(slide, mpp=None, level=None):
-    """Level 0 by default; `level` reads that level as it is; `mpp` picks the level near that resolution."""
+def choose_resolution(slide, mpp=None, level=None, model_mpp=None):
+    """Where the network reads a slide.
+
+    `level` reads that level as it is. Otherwise the wanted resolution is `mpp` or, by default, the model's
+    own (`model_mpp`): the nearest level at or finer than it is read, and tiles are resized to match it
+    exactly. With neither, or when the slide does not state its resolution, level 0 is read as it is.
+    """
     if level is not None:
         if not 0 <= level < len(slide.level_downsamples):
             raise DataError(f"{slide.path}: --level {level} does not exist; this slide has levels "
                             f"0..{len(slide.level_downsamples) - 1}.")
         return Resolution(level, slide.level_downsamples[level])
-    if mpp is None:
+    wanted = model_mpp if mpp is None else mpp
+    if wanted is None:
         return Resolution(0, 1.0)
     if slide.mpp is None:
-        raise DataError(f"{slide.path}: the slide does not state its microns per pixel (openslide.mpp-x); "
-                        "use --level instead of --mpp.")
-    target = mpp / slide.mpp
-    if target < 1 - MPP_TOLERANCE:
-        raise DataError(f"{slide.path}: --mpp {mpp} is finer than the scan ({slide.mpp:.4g} um/px); "
-                        f"use --mpp {slide.mpp:.4g} or larger.")
-    target = max(target, 1.0)
+        if mpp is not None:
+            raise DataError(f"{slide.path}: the slide does not state its microns per pixel (openslide.mpp-x); "
+                            "state it with --input-mpp, or use --level instead of --mpp.")
+        return Resolution(0, 1.0)  # the caller says what it assumed
+    target = wanted / slide.mpp  # below 1 when the model is finer than the scan: tiles are enlarged
+    if abs(target - 1) <= MPP_TOLERANCE:
+        return Resolution(0, 1.0)
     chosen = best_level(slide, target * (1 + MPP_TOLERANCE))
     native = slide.level_downsamples[chosen]
-    # A level within a few percent of the target is used as it is, saving a resize per tile.
     downsample = native if abs(native / target - 1) <= MPP_TOLERANCE else target
-    return Resolution(best_level(slide, downsample), downsample)
+    return Resolution(chosen, downsample)
+
+
+def describe_resolution(slide, resolution):
+    """'level 1 as it is (0.5 um/px)' or 'level 0 resized 2.48x (0.62 um/px)', for messages."""
+    scale = resolution.scale(slide)
+    how = "as it is" if abs(scale - 1) <= 1e-6 else (f"shrunk {scale:.3g}x" if scale > 1 else
+                                                      f"enlarged {1 / scale:.3g}x")
+    where = f"level {resolution.level} {how}"
+    return where if slide.mpp is None else f"{where} ({slide.mpp * resolution.downsample:.4g} um/px)"
 
 
 def read_downsampled(slide, downsample, chunk=2048):
@@ -224,15 +246,31 @@ class LogitStitcher:
         logits = logits.float()
         if self._weight is None or self._weight.device != logits.device:
             self._weight = window_weight(self.window, logits.device)
-        weighted = torch.cat([logits * self._weight, self._weight.expand(len(logits), 1, -1, -1)], dim=1)
-        if self.box != self.window:
-            mode = "area" if self.box < self.window else "bilinear"
-            weighted = F.interpolate(weighted, size=(self.box, self.box), mode=mode)
-        weighted = weighted.cpu().numpy()
+        if logits.device.type == "cpu":
+            weighted = self._weighted_on_host(logits.numpy())
+        else:  # weighted and shrunk to the mask resolution on the device: less to copy to the host
+            weighted = torch.cat([logits * self._weight, self._weight.expand(len(logits), 1, -1, -1)], dim=1)
+            if self.box != self.window:
+                mode = "area" if self.box < self.window else "bilinear"
+                weighted = F.interpolate(weighted, size=(self.box, self.box), mode=mode)
+            weighted = weighted.cpu().numpy()
         for (x, y), tile in zip(corners, weighted):
             left, top = int(round(x * self.ratio)), int(round(y * self.ratio))
             self.logit_sum[:, top:top + self.box, left:left + self.box] += tile[:-1]
             self.weight_sum[top:top + self.box, left:left + self.box] += tile[-1]
+
+    def _weighted_on_host(self, logits):
+        """The CPU path in NumPy and OpenCV, one thread per call: torch's parallel kernels on arrays this small
+        spend more time waking threads than computing, and on a busy machine far more."""
+        weight = self._weight.numpy()
+        count, channels = logits.shape[:2]
+        weighted = np.empty((count, self.box, self.box, channels + 1), dtype=np.float32)
+        interpolation = cv2.INTER_AREA if self.box < self.window else cv2.INTER_LINEAR
+        for index, tile in enumerate(logits):
+            stacked = np.concatenate([tile * weight, weight[None]]).transpose(1, 2, 0)
+            weighted[index] = stacked if self.box == self.window else cv2.resize(
+                stacked, (self.box, self.box), interpolation=interpolation).reshape(self.box, self.box, -1)
+        return weighted.transpose(0, 3, 1, 2)
 
     def result(self):
         """(logits C x H x W, covered H x W bool); pixels no tile reached have zero logits, covered False."""
@@ -267,18 +305,65 @@ class SlidePrediction:
     tiles_total: int
 
 
-def _read_tile(slide, corner, resolution, scale, window):
-    x, y = corner
-    size = max(1, int(round(window * scale)))
-    region = slide.read(round(x * resolution.downsample), round(y * resolution.downsample),
-                        resolution.level, size, size)
-    if size != window:
-        interpolation = cv2.INTER_AREA if size > window else cv2.INTER_LINEAR
-        region = cv2.resize(region, (window, window), interpolation=interpolation)
-    return region
+@dataclass
+class TilePlan:
+    thumbnail: np.ndarray          # h x w x 3 uint8
+    tissue: np.ndarray             # h x w bool, on the thumbnail
+    grid: list                     # analysis-pixel corners (x, y) of every window covering the slide
+    tiles: list                    # those on tissue: the ones to read and predict
 
 
-def _tile_batches(slide, tiles, resolution, window, batch_size, workers):
+def choose_thumbnail_downsample(slide):
+    """About THUMBNAIL_SIDE pixels on the longer side. A level up to 2x coarser is taken as it is: reading a
+    finer level whole and shrinking it cost more than the rest of a small slide's start."""
+    target = max(1.0, max(slide.dimensions) / THUMBNAIL_SIDE)
+    coarser = [d for d in slide.level_downsamples if target <= d <= 2 * target]
+    return coarser[0] if coarser else target
+
+
+def plan_tiles(slide, window, overlap, resolution):
+    """Find tissue on a thumbnail and keep the windows that touch it."""
+    width0, height0 = slide.dimensions
+    thumbnail_downsample = choose_thumbnail_downsample(slide)
+    thumbnail = read_downsampled(slide, thumbnail_downsample)
+    tissue = detect_tissue(thumbnail)
+    analysis_ds = resolution.downsample
+    grid = tile_grid(math.ceil(width0 / analysis_ds), math.ceil(height0 / analysis_ds), window, overlap)
+    return TilePlan(thumbnail, tissue, grid, tiles_on_tissue(grid, window, analysis_ds, tissue, thumbnail_downsample))
+
+
+# Neighbouring windows of one row are read as one region, so the pixels they share are read, decoded and
+# resized once. At most this many windows a region, so that a batch still keeps several reader threads busy.
+RUN_LENGTH = 8
+
+
+def row_runs(corners, window, longest=RUN_LENGTH):
+    """Split corners (in grid order) into runs of windows on one row whose footprints leave no gap."""
+    runs = []
+    for corner in corners:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and corner[1] == last[1] and 0 < corner[0] - last[0] <= window
+                and len(runs[-1]) < longest):
+            runs[-1].append(corner)
+        else:
+            runs.append([corner])
+    return runs
+
+
+def _read_run(slide, run, resolution, scale, window):
+    """The windows of one run, each window x window x 3: one region at the level, resized once to the analysis
+    resolution, then cut."""
+    (left, top), right = run[0], run[-1][0] + window
+    width, height = max(1, round((right - left) * scale)), max(1, round(window * scale))
+    region = slide.read(round(left * resolution.downsample), round(top * resolution.downsample),
+                        resolution.level, width, height)
+    if (width, height) != (right - left, window):
+        interpolation = cv2.INTER_AREA if height > window else cv2.INTER_LINEAR
+        region = cv2.resize(region, (right - left, window), interpolation=interpolation)
+    return [region[:, x - left:x - left + window] for x, _ in run]
+
+
+def read_tile_batches(slide, tiles, resolution, window, batch_size, workers=4):
     """Yield (corners, N x window x window x 3 uint8) while the next batches are read in threads."""
     scale = resolution.scale(slide)
     batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
@@ -289,15 +374,15 @@ def _tile_batches(slide, tiles, resolution, window, batch_size, workers):
         def submit_next():
             batch = next(upcoming, None)
             if batch is not None:
-                pending.append((batch, [pool.submit(_read_tile, slide, c, resolution, scale, window)
-                                        for c in batch]))
+                pending.append((batch, [pool.submit(_read_run, slide, run, resolution, scale, window)
+                                        for run in row_runs(batch, window)]))
 
         for _ in range(2):  # read ahead by one batch: disk and decoding overlap the forward pass
             submit_next()
         while pending:
             batch, futures = pending.popleft()
             submit_next()
-            yield batch, np.stack([future.result() for future in futures])
+            yield batch, np.stack([tile for future in futures for tile in future.result()])
 
 
 def segment_slide(slide, predict_batch, num_classes, window, overlap, batch_size, resolution,
@@ -309,18 +394,12 @@ def segment_slide(slide, predict_batch, num_classes, window, overlap, batch_size
     ignore (255) when background is None.
     """
     width0, height0 = slide.dimensions
-    thumbnail_downsample = max(1.0, max(width0, height0) / THUMBNAIL_SIDE)
-    thumbnail = read_downsampled(slide, thumbnail_downsample)
-    tissue = detect_tissue(thumbnail)
-
+    plan = plan_tiles(slide, window, overlap, resolution)
     analysis_ds = resolution.downsample
-    grid = tile_grid(math.ceil(width0 / analysis_ds), math.ceil(height0 / analysis_ds), window, overlap)
-    tiles = tiles_on_tissue(grid, window, analysis_ds, tissue, thumbnail_downsample)
-
     mask_size = (max(1, math.ceil(width0 / mask_downsample)), max(1, math.ceil(height0 / mask_downsample)))
     stitcher = LogitStitcher(num_classes, mask_size, window, analysis_ds / mask_downsample)
     done = 0
-    for corners, images in _tile_batches(slide, tiles, resolution, window, batch_size, workers):
+    for corners, images in read_tile_batches(slide, plan.tiles, resolution, window, batch_size, workers):
         logits = predict_batch(images)
         expected = (len(corners), num_classes, window, window)
         if tuple(logits.shape) != expected:
@@ -328,13 +407,14 @@ def segment_slide(slide, predict_batch, num_classes, window, overlap, batch_size
         stitcher.add(corners, logits)
         done += len(corners)
         if progress is not None:
-            progress(done, len(tiles))
+            progress(done, len(plan.tiles))
     logits, covered = stitcher.result()
     probs = probabilities(logits, covered, background)
     mask = probs.argmax(axis=0).astype(np.uint8)
     if background is None:
         mask[~covered] = IGNORE_INDEX
-    return SlidePrediction(probs, mask, thumbnail, tissue, mask_downsample, analysis_ds, len(tiles), len(grid))
+    return SlidePrediction(probs, mask, plan.thumbnail, plan.tissue, mask_downsample, analysis_ds, len(plan.tiles),
+                           len(plan.grid))
 
 
 def _ring(contour, downsample, bounds, tolerance):
@@ -383,3 +463,33 @@ def mask_to_geojson(mask, classes, palette, downsample, bounds, background=0, to
             features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": rings},
                              "properties": properties})
     return {"type": "FeatureCollection", "features": features}
+
+
+def mask_pyramid(mask, tile=MASK_TIFF_TILE):
+    """The mask and its halvings, down to one tile. Every other pixel is kept: class indices must not blend."""
+    levels = [mask]
+    while max(levels[-1].shape) > tile:
+        levels.append(np.ascontiguousarray(levels[-1][::2, ::2]))
+    return levels
+
+
+def write_mask_tiff(path, mask, microns_per_pixel=None, tile=MASK_TIFF_TILE):
+    """A class mask as a tiled, pyramidal, deflate-compressed TIFF that slide viewers overlay.
+
+    Pixels hold class indices (grayscale, uint8), so OpenSlide and tifffile read back exactly the saved mask;
+    levels are successive pages, each half the size of the one before, as in a generic tiled slide. With
+    `microns_per_pixel` (of the mask's full level), each level carries its resolution tags.
+    """
+    import tifffile
+
+    from utils.files import atomic_path
+    levels = mask_pyramid(np.ascontiguousarray(mask, dtype=np.uint8), tile)
+    bigtiff = sum(level.nbytes for level in levels) > 2 ** 31  # offsets past 4 GiB need BigTIFF
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+        for index, level in enumerate(levels):
+            options = {}
+            if microns_per_pixel is not None:
+                per_centimetre = 1e4 / (microns_per_pixel * 2 ** index)  # level k keeps every 2^k-th pixel
+                options = {"resolution": (per_centimetre, per_centimetre), "resolutionunit": "CENTIMETER"}
+            tif.write(level, tile=(tile, tile), photometric="minisblack", compression="zlib",
+                      subfiletype=1 if index else 0, metadata=None, **options)
