@@ -60,9 +60,16 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_training_resolution_is_part_of_the_model_metadata():
     from utils.predict import segmenter_meta
+    from utils.timm_settings import resolve_normalisation
+
+    def meta(*args):
+        cfg = load_config(*args)
+        resolve_normalisation(cfg, "stage2")
+        return segmenter_meta(cfg)
+
     assert load_config("configs/glas.yaml").data.mpp == pytest.approx(0.62)
     assert load_config("configs/glas_cpu.yaml").data.mpp == pytest.approx(0.62)
     assert load_config(None).data.mpp is None  # unknown unless a config states it
-    assert segmenter_meta(load_config("configs/demo.yaml"))["mpp"] == pytest.approx(0.5)
-    assert segmenter_meta(load_config(None, ["data.mpp=1"]))["mpp"] == 1.0
-    assert segmenter_meta(load_config(None, ["data.mpp=null"]))["mpp"] is None
+    assert meta("configs/demo.yaml")["mpp"] == pytest.approx(0.5)
+    assert meta(None, ["data.mpp=1"])["mpp"] == 1.0
+    assert meta(None, ["data.mpp=null"])["mpp"] is None
