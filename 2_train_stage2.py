@@ -162,14 +162,15 @@ def segmenter_train_step(trainer, model, criterion, aux_weight, runtime, scaler=
     return TrainStep(forward_loss, model.parameters(), runtime, scaler)
 
 
-def check_crop_size(crop_size, images):
+def check_crop_size(crop_size, images, train_on="patches"):
     """A crop larger than the training images would be mostly padding, which the uncertainty and smoothness
     terms and BatchNorm would all learn from; stage 2 trains on the images at their own size."""
     width, height = median_image_size(images)
     if crop_size > min(width, height):
+        source = ("the prepare.patch_size they were cut at" if train_on == "patches"
+                  else "the whole training images stitched by stage 1")
         raise ConfigError(f"stage2.crop_size={crop_size} is larger than the training images ({width}x{height} px "
-                          f"for most of them, the prepare.patch_size they were cut at); set stage2.crop_size to "
-                          f"at most {min(width, height)}.")
+                          f"for most of them, {source}); set stage2.crop_size to at most {min(width, height)}.")
 
 
 def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
@@ -179,7 +180,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
                             "processes; choose a multiple of the process count.")
     per_rank_batch = s2.batch_size // runtime.world_size
     images, masks, encoding = training_pairs(cfg)
-    check_crop_size(s2.crop_size, images)
+    check_crop_size(s2.crop_size, images, s2.train_on)
     dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
                               len(cfg.data.classes), augment=True, seed=cfg.seed,
                               jitter=(s2.hed_jitter, s2.color_jitter), crops_per_image=s2.crops_per_image)
