@@ -3,11 +3,11 @@
     python 0_prepare_data.py --config configs/glas.yaml --raw ../shared/data/glas
 
 Writes into the config's data.root: labelled training patches (prepare.patch_size, prepare.stride),
-held-out validation images and the test images with class-index masks. See utils/prepare.py.
+held-out validation images and the test images with class-index masks. See utils/data/prepare.py.
 """
 from utils.cli import run_main
 from utils.config import base_parser, load_config
-from utils.prepare import prepare_dataset
+from utils.data.prepare import prepare_dataset
 
 
 def main(argv=None):

@@ -182,7 +182,7 @@ def write_tiles(folder, count, size, labelled):
 
 def bench_pseudo_masks(cfg, runtime, s, model, workdir):
     stage1 = importlib.import_module("1_train_stage1")
-    from utils.data import train_items
+    from utils.data.datasets import train_items
     root = workdir / "cam"
     write_tiles(root / "train" / "img", s["cam_tiles"], s["cam_tile_size"], labelled=True)
     cfg.data.root = str(root)
@@ -203,7 +203,7 @@ def bench_pseudo_masks(cfg, runtime, s, model, workdir):
 
 
 def bench_stage2_training(cfg, runtime, s):
-    from utils.losses import IICBLoss
+    from utils.stage2.losses import IICBLoss
     from utils.training import sgd_with_layer_decay
     stage2 = importlib.import_module("2_train_stage2")
     model = stage2.build_segmenter(cfg).to(runtime.device).to(memory_format=torch.channels_last)
@@ -227,7 +227,7 @@ def bench_stage2_training(cfg, runtime, s):
 
 def bench_inference(cfg, runtime, s, model, workdir):
     from utils.checkpoint import STAGE2_FORMAT, save_checkpoint
-    from utils.predict import segmenter_meta
+    from utils.stage2.predict import segmenter_meta
     inference = importlib.import_module("inference")
     cfg.stage2.encoder = s["stage2_encoder"]
     cfg.stage2.window = s["infer_size"]
@@ -348,9 +348,9 @@ def bench_slide(cfg, runtime, s, model, workdir):
     """One generated slide: model-only tiles/s on its tissue tiles (before and after), and end to end."""
     from utils.checkpoint import STAGE2_FORMAT, save_checkpoint
     from utils.cuda_graphs import GraphedForward
-    from utils.demo_data import render_tissue
-    from utils.predict import load_segmenter, segmenter_meta
-    from utils.slide import Slide, choose_resolution, plan_tiles, read_tile_batches
+    from utils.data.demo_data import render_tissue
+    from utils.stage2.predict import load_segmenter, segmenter_meta
+    from utils.slides.slide import Slide, choose_resolution, plan_tiles, read_tile_batches
     inference = importlib.import_module("inference")
     cfg.stage2.encoder = s["stage2_encoder"]
     cfg.stage2.window = s["infer_size"]

@@ -32,15 +32,15 @@ from tqdm import tqdm
 from utils.config import ConfigError, load_config
 from utils.cuda_graphs import GraphedForward
 from utils.files import atomic_path, write_json, write_text
-from utils.imageio import IMAGE_SUFFIXES, DataError, overlay, read_rgb, write_palette_png, write_rgb
-from utils.postprocess import describe, fill_holes, fill_holes_with_probabilities
-from utils.predict import FlipAveraged, load_segmenter, predict_logits
+from utils.data.imageio import IMAGE_SUFFIXES, DataError, overlay, read_rgb, write_palette_png, write_rgb
+from utils.evaluation.postprocess import describe, fill_holes, fill_holes_with_probabilities
+from utils.stage2.predict import FlipAveraged, load_segmenter, predict_logits
 from utils.runtime import cleanup, setup_runtime
-from utils.scoring import FolderScore, check_mask_sizes, choose_encoding, find_masks
-from utils.sliding_window import count_windows
-from utils.slide import (MPP_TOLERANCE, SLIDE_ONLY_SUFFIXES, Slide, choose_resolution, describe_resolution, is_slide,
+from utils.evaluation.scoring import FolderScore, check_mask_sizes, choose_encoding, find_masks
+from utils.stage2.sliding_window import count_windows
+from utils.slides.slide import (MPP_TOLERANCE, SLIDE_ONLY_SUFFIXES, Slide, choose_resolution, describe_resolution, is_slide,
                          mask_to_geojson, segment_slide, write_mask_tiff)
-from utils.transforms import normalize_batch
+from utils.data.transforms import normalize_batch
 
 SUMMARY = "summary.csv"
 # Decoding and encoding release the GIL, so reader and writer threads scale with the cores.

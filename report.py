@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from utils.cli import run_main
-from utils.imageio import DataError
+from utils.data.imageio import DataError
 from utils.provenance import RUN_RECORD, describe_hardware
 
 STAGES = ("stage1", "stage2")

@@ -59,7 +59,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_training_resolution_is_part_of_the_model_metadata():
-    from utils.predict import segmenter_meta
+    from utils.stage2.predict import segmenter_meta
     from utils.timm_settings import resolve_normalisation
 
     def meta(*args):

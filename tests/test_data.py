@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from conftest import save_png
-from utils.data import load_pair, parse_label, split_items, train_items
-from utils.imageio import IGNORE_INDEX, DataError, decode_mask, read_mask, read_rgb, write_palette_png
+from utils.data.datasets import load_pair, parse_label, split_items, train_items
+from utils.data.imageio import IGNORE_INDEX, DataError, decode_mask, read_mask, read_rgb, write_palette_png
 
 
 @pytest.mark.parametrize("name", ["a[1, 0].png", "a[1,0].png", "a[1 0].png", "a[10].png", "a [1,0].png"])
@@ -102,7 +102,7 @@ def batches_of(loader, epoch):
 def test_training_batches_depend_on_seed_and_epoch_only(tmp_path):
     """Persistent or not, any worker count gives the same augmented batches, so --resume stays exact."""
     import torch
-    from utils.data import ClassificationSet, training_loader
+    from utils.data.datasets import ClassificationSet, training_loader
     from utils.runtime import Runtime
     make_layout(tmp_path)
     items = train_items(tmp_path, 2) * 4  # 12 images: a few batches

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.losses import IICBLoss
+from utils.stage2.losses import IICBLoss
 
 IGNORE = 255
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import confusion_matrix, confusion_matrix_torch, scores
+from utils.evaluation.metrics import confusion_matrix, confusion_matrix_torch, scores
 
 TARGET = np.array([[0, 0, 1, 1],
                    [0, 2, 2, 255]])

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from utils.config import load_config
-from utils.imageio import DataError
-from utils.prepare import patch_starts, prepare_dataset
+from utils.data.imageio import DataError
+from utils.data.prepare import patch_starts, prepare_dataset
 
 SHARED_GLAS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glas"
 

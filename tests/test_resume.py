@@ -62,7 +62,7 @@ def deterministic():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """One small demo data set shared by every run here (runs never write into it)."""
-    from utils.demo_data import ensure_demo_dataset
+    from utils.data.demo_data import ensure_demo_dataset
     root = tmp_path_factory.mktemp("shared") / "data"
     argv = run_args(root.parent, root, "unused")  # ["--config", path, "--set", override, ...]
     ensure_demo_dataset(load_config(argv[1], argv[3::2]))

@@ -18,8 +18,8 @@ from models.dpr import DPR
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.cli import run_main
 from utils.config import load_config
-from utils.imageio import read_rgb
-from utils.predict import load_segmenter, predict_logits
+from utils.data.imageio import read_rgb
+from utils.stage2.predict import load_segmenter, predict_logits
 from utils.runtime import Runtime
 
 SMALL = ["demo.train_images=16", "demo.val_images=2", "demo.test_images=2", "stage1.epochs=2",
@@ -66,7 +66,7 @@ def evil_checkpoint(request, tmp_path):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Demo data and the arguments of a small run on it."""
-    from utils.demo_data import ensure_demo_dataset
+    from utils.data.demo_data import ensure_demo_dataset
     tmp = tmp_path_factory.mktemp("safety")
     argv = tiny_demo_args(tmp, *SMALL)
     ensure_demo_dataset(load_config(argv[1], argv[3::2]))

@@ -10,13 +10,13 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import ROOT, load_script, save_png
-from utils.cam import cams_to_masks, claim_unclaimed
+from utils.stage1.cam import cams_to_masks, claim_unclaimed
 from utils.config import load_config
-from utils.data import Item
-from utils.imageio import IGNORE_INDEX, overlay
-from utils.losses import IICBLoss, soft_dice_loss
-from utils.metrics import confusion_matrix, scores
-from utils.postprocess import fill_holes, fill_holes_with_probabilities
+from utils.data.datasets import Item
+from utils.data.imageio import IGNORE_INDEX, overlay
+from utils.stage2.losses import IICBLoss, soft_dice_loss
+from utils.evaluation.metrics import confusion_matrix, scores
+from utils.evaluation.postprocess import fill_holes, fill_holes_with_probabilities
 from utils.runtime import Runtime
 from utils.timm_settings import resolve_normalisation
 
@@ -129,7 +129,7 @@ def test_overlay_and_dice_follow_the_background_setting():
 
 
 def test_slide_glass_is_ignore_without_a_background_class():
-    from utils.slide import Resolution, segment_slide
+    from utils.slides.slide import Resolution, segment_slide
 
     class Glass:
         dimensions, level_downsamples, mpp = (256, 256), (1.0,), None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import inference
-from utils.slide import Resolution, choose_resolution, segment_slide, write_mask_tiff
+from utils.slides.slide import Resolution, choose_resolution, segment_slide, write_mask_tiff
 
 WINDOW = 64
 CLASSES = ["background", "gland"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.sliding_window import count_windows, sliding_window_logits, window_positions
+from utils.stage2.sliding_window import count_windows, sliding_window_logits, window_positions
 
 CLASSES = 3
 

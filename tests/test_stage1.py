@@ -4,9 +4,9 @@ import numpy as np
 from PIL import Image
 
 from conftest import load_script, tiny_demo_args
-from utils.data import train_items
-from utils.imageio import read_mask
-from utils.metrics import confusion_matrix, scores
+from utils.data.datasets import train_items
+from utils.data.imageio import read_mask
+from utils.evaluation.metrics import confusion_matrix, scores
 
 
 def test_stage1_end_to_end_on_tiny_demo(tmp_path):

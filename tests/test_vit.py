@@ -14,9 +14,9 @@ from models.dpr import DPR
 from models.timm_vit import spread_blocks
 from utils.checkpoint import CheckpointError, STAGE2_FORMAT, save_checkpoint
 from utils.config import ConfigError, load_config
-from utils.imageio import read_mask
-from utils.metrics import confusion_matrix, scores
-from utils.predict import load_segmenter, segmenter_meta
+from utils.data.imageio import read_mask
+from utils.evaluation.metrics import confusion_matrix, scores
+from utils.stage2.predict import load_segmenter, segmenter_meta
 from utils.timm_settings import model_kwargs, resolve_normalisation
 from utils.training import layer_decay_scales, sgd_with_layer_decay, sgd_with_multipliers
 

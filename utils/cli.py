@@ -4,7 +4,7 @@ import sys
 
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
-from utils.imageio import DataError
+from utils.data.imageio import DataError
 from utils.training import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)

@@ -172,7 +172,7 @@ def start_run(cfg, runtime, stage):
     if runtime.is_main:
         save_config(cfg, out_dir / "config.yaml")
         if cfg.data.demo:
-            from utils.demo_data import ensure_demo_dataset
+            from utils.data.demo_data import ensure_demo_dataset
             ensure_demo_dataset(cfg)
     runtime.barrier()
     return out_dir

@@ -2,7 +2,7 @@
 import cv2
 import numpy as np
 
-from utils.imageio import colorize, write_rgb
+from utils.data.imageio import colorize, write_rgb
 
 
 def heat_overlay(image, heat, alpha=0.5):

@@ -3,7 +3,7 @@ jitter (optional, for models trained from scratch)."""
 import numpy as np
 import torch
 
-from utils.imageio import IGNORE_INDEX
+from utils.data.imageio import IGNORE_INDEX
 
 
 def to_tensor(image, mean, std):

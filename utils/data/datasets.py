@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from utils.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, read_mask, read_mask_raw,
+from utils.data.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, read_mask, read_mask_raw,
                            read_rgb)
-from utils.transforms import stain_jitter, to_tensor
+from utils.data.transforms import stain_jitter, to_tensor
 
 _LABEL_GROUP = re.compile(r"^(?P<stem>.*)\[(?P<labels>[^\[\]]*)\]$")
 
@@ -224,7 +224,7 @@ class SegmentationSet(Dataset):
         return len(self.images) * self.crops_per_image
 
     def __getitem__(self, key):
-        from utils.transforms import random_crop_pair
+        from utils.data.transforms import random_crop_pair
         rng, index = augmentation_rng(self.seed, key)
         index //= self.crops_per_image
         image = read_rgb(self.images[index])

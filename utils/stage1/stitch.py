@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.imageio import IGNORE_INDEX, DataError, image_size, read_rgb
+from utils.data.imageio import IGNORE_INDEX, DataError, image_size, read_rgb
 
 PATCH_NAME = re.compile(r"^(?P<image>.+)_(?P<y>\d+)_(?P<x>\d+)$")
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data import check_split_masks
-from utils.imageio import IGNORE_INDEX, DataError, image_size, read_mask, read_mask_raw
-from utils.metrics import confusion_matrix, scores
+from utils.data.datasets import check_split_masks
+from utils.data.imageio import IGNORE_INDEX, DataError, image_size, read_mask, read_mask_raw
+from utils.evaluation.metrics import confusion_matrix, scores
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.imageio import IGNORE_INDEX, DataError
-from utils.sliding_window import window_positions, window_weight
+from utils.data.imageio import IGNORE_INDEX, DataError
+from utils.stage2.sliding_window import window_positions, window_weight
 
 SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 TIFF_SUFFIXES = (".tif", ".tiff")

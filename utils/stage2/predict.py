@@ -5,9 +5,9 @@ import torch.nn as nn
 
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint
 from utils.config import background_index
-from utils.postprocess import class_indices
-from utils.sliding_window import sliding_window_logits
-from utils.transforms import normalize_batch
+from utils.evaluation.postprocess import class_indices
+from utils.stage2.sliding_window import sliding_window_logits
+from utils.data.transforms import normalize_batch
 
 META_KEYS = ("encoder", "classes", "palette", "mean", "std", "window", "overlap")
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from utils.files import atomic_path, write_text
 from utils.provenance import hardware
-from utils.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, palette_image,
+from utils.data.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, palette_image,
                            read_mask_raw, read_rgb)
 
 GLAS_MASK_SUFFIX = "_anno"

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from utils.imageio import IGNORE_INDEX
+from utils.data.imageio import IGNORE_INDEX
 
 
 def scaled_size(height, width, scale, multiple=1):

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from utils.files import write_json
-from utils.imageio import DataError
+from utils.data.imageio import DataError
 
 MANIFEST = "manifest.json"
 

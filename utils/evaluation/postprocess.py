@@ -5,7 +5,7 @@ is reported without it first and with it beside; `describe` names the steps for 
 """
 import numpy as np
 
-from utils.imageio import IGNORE_INDEX
+from utils.data.imageio import IGNORE_INDEX
 
 
 def fill_holes(mask, class_indices):
