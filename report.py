@@ -82,7 +82,9 @@ def stage_label(stage, data):
 def results_rows(run):
     """(header, rows): one row per stage without post-processing, then one with it where it was set."""
     splits = held_out_splits(run)
-    header = ["model", "post-processing"] + [f"{split} {m}" for split in splits for m in ("mIoU", "Dice")]
+    titles = (run["config"] or {}).get("data", {}).get("split_titles") or {}
+    header = ["model", "post-processing"] + [f"{titles.get(split, split)} {m}" for split in splits
+                                             for m in ("mIoU", "Dice")]
     rows = []
     for stage, data in run["stages"].items():
         metrics = data["metrics"]

@@ -36,6 +36,8 @@ def test_overrides_apply_with_types(tmp_path):
     ("data: {mpp: 0}\n", "data.mpp"),
     ("data: {mpp: true}\n", "data.mpp"),
     ("data: {mpp: 20x}\n", "data.mpp"),
+    ("data: {split_titles: [Test A]}\n", "data.split_titles"),
+    ("data: {split_titles: {test: [A]}}\n", "data.split_titles"),
 ])
 def test_bad_settings_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -250,7 +250,7 @@ def test_multiclass_demo_without_background_end_to_end_and_report(tmp_path, caps
     pipeline, report = load_script("run_pipeline"), load_script("report")
     argv = ["--config", str(ROOT / "configs" / "demo_multiclass.yaml"), "--set", f"data.root={tmp_path / 'data'}",
             "--set", f"runs_dir={tmp_path / 'runs'}", "--set", "device=cpu",
-            "--set", "data.test_splits=[test, test_b]"]
+            "--set", "data.test_splits=[test, test_b]", "--set", "data.split_titles={test: Held-out}"]
     assert pipeline.main(argv) == 0
     printed = capsys.readouterr().out
     assert "test split 'test_b' is not in" in printed  # named in the YAML, absent on disk: one line, skipped
@@ -271,6 +271,7 @@ def test_multiclass_demo_without_background_end_to_end_and_report(tmp_path, caps
     table = capsys.readouterr().out
     assert f"| {100 * metrics['test']['miou']:.1f} |" in table
     assert "stage 1: CAM pseudo-masks" in table and "chosen on val" in table and "Wall time: " in table
+    assert "| Held-out mIoU | Held-out Dice |" in table and "| val mIoU |" in table  # titles from the YAML
 
 
 def test_ablation_rows_share_stage1_score_val_only_and_make_a_table(tmp_path, capsys):

@@ -33,6 +33,7 @@ DEFAULTS = {
                                          # are analysed at this resolution
         "background": "background",      # the class that is no tissue of interest, or null when every class is
         "test_splits": ["test"],         # held-out splits scored once for the final model; missing ones are skipped
+        "split_titles": {},              # names for splits in reports, e.g. {test: Test A}; default: folder name
         "demo": False,                   # synthesise the demo data set when root is missing
     },
     "postprocess": {                     # optional clean-up of predicted masks, always scored beside the raw masks
@@ -157,7 +158,8 @@ UNION_TYPES = {  # keys that accept more than one type
     "stage2.pretrained": (bool, str),
 }
 # Mappings passed on as they are (keyword arguments of another library), not settings of ours.
-FREE_MAPPINGS = ("stage1.backbone_kwargs", "stage2.encoder_kwargs")
+MODEL_KWARGS = ("stage1.backbone_kwargs", "stage2.encoder_kwargs")
+FREE_MAPPINGS = MODEL_KWARGS + ("data.split_titles",)  # mappings whose keys the user chooses
 CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "data.mask_encoding": ("index", "binary255", "instance"),
@@ -237,7 +239,8 @@ def _merge(base, update, source, prefix=""):
         default = base[key]
         if dotted in FREE_MAPPINGS:
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: '{dotted}' must be a mapping of keyword arguments, not {value!r}.")
+                what = "mapping of keyword arguments" if dotted in MODEL_KWARGS else "mapping"
+                raise ConfigError(f"{source}: '{dotted}' must be a {what}, not {value!r}.")
             base[key] = {**default, **value}
             continue
         if isinstance(default, dict):
@@ -335,7 +338,11 @@ def _validate_encoder_settings(cfg, source):
     for key in ("stage1.layer_decay", "stage2.layer_decay"):
         if not 0 < _get(cfg, key) <= 1:
             raise ConfigError(f"{source}: '{key}' must be in (0, 1] (1: off), got {_get(cfg, key)!r}.")
-    for key in FREE_MAPPINGS:
+    titles = cfg["data"]["split_titles"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in titles.items()):
+        raise ConfigError(f"{source}: 'data.split_titles' maps split folders to names, e.g. {{test: Test A}}; "
+                          f"got {titles!r}.")
+    for key in MODEL_KWARGS:
         try:
             model_kwargs(_get(cfg, key), key)
         except ConfigError as error:
