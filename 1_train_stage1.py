@@ -17,27 +17,27 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.classifier import Stage1Classifier, build_backbone
-from utils.stage1.cam import (cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam, normalise_cams, refine_cams,
-                       scaled_size)
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir
 from utils.cuda_graphs import TrainStep
 from utils.data.datasets import (ClassificationSet, check_split_masks, load_pair, split_items, test_splits, train_items,
-                        training_loader)
-from utils.files import BackgroundWriter, write_json
+                                 training_loader)
 from utils.data.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png, write_rgb
+from utils.data.transforms import to_tensor
 from utils.evaluation.metrics import confusion_matrix, scores
 from utils.evaluation.postprocess import class_indices, describe, fill_holes
+from utils.files import BackgroundWriter, write_json
 from utils.provenance import RUN_RECORD, StepTimer
+from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
+from utils.stage1.cam import (cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam, normalise_cams, refine_cams,
+                              scaled_size)
 from utils.stage1.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
 from utils.stage1.stitch import VoteStitcher, patch_votes, whole_image_dir
-from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
 from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, layer_decay_scales,
-                            out_of_memory_message, restore_scaler, rng_state, set_rng_state, set_poly_lr,
+                            out_of_memory_message, restore_scaler, rng_state, set_poly_lr, set_rng_state,
                             sgd_with_multipliers)
-from utils.data.transforms import to_tensor
 from utils.visualize import contact_sheet, heat_overlay, mask_picture
 
 

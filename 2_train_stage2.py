@@ -21,21 +21,21 @@ from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint, sa
 from utils.cli import run_main
 from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir, run_dir
 from utils.cuda_graphs import TrainStep
-from utils.data.datasets import (SegmentationSet, check_split_masks, load_pair, median_image_size, split_items, test_splits,
-                        train_items, training_loader)
-from utils.files import BackgroundWriter, write_json
+from utils.data.datasets import (SegmentationSet, check_split_masks, load_pair, median_image_size, split_items,
+                                 test_splits, train_items, training_loader)
 from utils.data.imageio import DataError, colorize, list_images, overlay, read_mask, write_palette_png, write_rgb
-from utils.stage2.losses import IICBLoss
 from utils.evaluation.metrics import confusion_matrix, scores
 from utils.evaluation.postprocess import class_indices, describe, fill_holes
-from utils.stage2.predict import FlipAveraged, predict_mask, segmenter_meta
+from utils.files import BackgroundWriter, write_json
 from utils.provenance import RUN_RECORD, StepTimer
-from utils.stage1.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
+from utils.stage1.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 from utils.stage1.stitch import whole_image_dir
+from utils.stage2.losses import IICBLoss
+from utils.stage2.predict import FlipAveraged, predict_mask, segmenter_meta
 from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
-from utils.training import (CsvLog, TrainingError, WeightAverage, check_finite, out_of_memory_message,
-                            restore_scaler, rng_state, set_poly_lr, set_rng_state, sgd_with_layer_decay)
+from utils.training import (CsvLog, TrainingError, WeightAverage, check_finite, out_of_memory_message, restore_scaler,
+                            rng_state, set_poly_lr, set_rng_state, sgd_with_layer_decay)
 from utils.visualize import contact_sheet
 
 

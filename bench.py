@@ -30,9 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from utils.config import load_config
 from utils.files import write_json
@@ -166,6 +165,7 @@ def bench_stage1_training(cfg, runtime, s):
 
 def write_tiles(folder, count, size, labelled):
     from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -349,8 +349,8 @@ def bench_slide(cfg, runtime, s, model, workdir):
     from utils.checkpoint import STAGE2_FORMAT, save_checkpoint
     from utils.cuda_graphs import GraphedForward
     from utils.data.demo_data import render_tissue
-    from utils.stage2.predict import load_segmenter, segmenter_meta
     from utils.slides.slide import Slide, choose_resolution, plan_tiles, read_tile_batches
+    from utils.stage2.predict import load_segmenter, segmenter_meta
     inference = importlib.import_module("inference")
     cfg.stage2.encoder = s["stage2_encoder"]
     cfg.stage2.window = s["infer_size"]

@@ -31,16 +31,16 @@ from tqdm import tqdm
 
 from utils.config import ConfigError, load_config
 from utils.cuda_graphs import GraphedForward
-from utils.files import atomic_path, write_json, write_text
 from utils.data.imageio import IMAGE_SUFFIXES, DataError, overlay, read_rgb, write_palette_png, write_rgb
-from utils.evaluation.postprocess import describe, fill_holes, fill_holes_with_probabilities
-from utils.stage2.predict import FlipAveraged, load_segmenter, predict_logits
-from utils.runtime import cleanup, setup_runtime
-from utils.evaluation.scoring import FolderScore, check_mask_sizes, choose_encoding, find_masks
-from utils.stage2.sliding_window import count_windows
-from utils.slides.slide import (MPP_TOLERANCE, SLIDE_ONLY_SUFFIXES, Slide, choose_resolution, describe_resolution, is_slide,
-                         mask_to_geojson, segment_slide, write_mask_tiff)
 from utils.data.transforms import normalize_batch
+from utils.evaluation.postprocess import describe, fill_holes, fill_holes_with_probabilities
+from utils.evaluation.scoring import FolderScore, check_mask_sizes, choose_encoding, find_masks
+from utils.files import atomic_path, write_json, write_text
+from utils.runtime import cleanup, setup_runtime
+from utils.slides.slide import (MPP_TOLERANCE, SLIDE_ONLY_SUFFIXES, Slide, choose_resolution, describe_resolution,
+                                is_slide, mask_to_geojson, segment_slide, write_mask_tiff)
+from utils.stage2.predict import FlipAveraged, load_segmenter, predict_logits
+from utils.stage2.sliding_window import count_windows
 
 SUMMARY = "summary.csv"
 # Decoding and encoding release the GIL, so reader and writer threads scale with the cores.

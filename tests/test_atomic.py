@@ -18,8 +18,8 @@ from conftest import ONE_THREAD, ROOT, load_script, save_png, tiny_demo_args
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from utils.config import load_config
 from utils.data.datasets import train_items
+from utils.data.imageio import IGNORE_INDEX, DataError, list_images, read_mask
 from utils.files import atomic_path
-from utils.data.imageio import DataError, IGNORE_INDEX, list_images, read_mask
 from utils.stage1.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 
 SMALL = ["demo.train_images=16", "stage1.epochs=1", "stage2.epochs=1", "stage1.cam_flip=false",

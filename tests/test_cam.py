@@ -1,7 +1,7 @@
 import torch
 
-from utils.stage1.cam import cams_to_masks, normalise_cams
 from utils.data.imageio import IGNORE_INDEX
+from utils.stage1.cam import cams_to_masks, normalise_cams
 
 
 def test_absent_classes_never_win():
@@ -45,6 +45,7 @@ def test_classes_compared_after_normalisation():
 
 def test_fill_holes_closes_enclosed_regions_only():
     import numpy as np
+
     from utils.evaluation.postprocess import fill_holes
     mask = np.zeros((7, 9), np.uint8)
     mask[1:6, 1:6] = 1

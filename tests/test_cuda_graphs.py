@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.dpr import DPR  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.stage2.losses import IICBLoss  # noqa: E402
-from utils.runtime import Runtime, setup_runtime  # noqa: E402
 from utils.cuda_graphs import GraphedForward, TrainStep  # noqa: E402
+from utils.runtime import Runtime, setup_runtime  # noqa: E402
+from utils.stage2.losses import IICBLoss  # noqa: E402
 
 
 def small_segmenter(seed=0):

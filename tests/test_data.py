@@ -102,6 +102,7 @@ def batches_of(loader, epoch):
 def test_training_batches_depend_on_seed_and_epoch_only(tmp_path):
     """Persistent or not, any worker count gives the same augmented batches, so --resume stays exact."""
     import torch
+
     from utils.data.datasets import ClassificationSet, training_loader
     from utils.runtime import Runtime
     make_layout(tmp_path)

@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 
 from conftest import save_png
-from utils.stage1.cam import cams_to_masks, refine_cams
 from utils.data.datasets import Item, SegmentationSet
-from utils.stage2.predict import FlipAveraged
-from utils.stage1.stitch import VoteStitcher, patch_votes
-from utils.training import WeightAverage
 from utils.data.transforms import stain_jitter
+from utils.stage1.cam import cams_to_masks, refine_cams
+from utils.stage1.stitch import VoteStitcher, patch_votes
+from utils.stage2.predict import FlipAveraged
+from utils.training import WeightAverage
 
 
 def test_stain_jitter_changes_colours_and_keeps_masks_aligned(tmp_path):

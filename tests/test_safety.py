@@ -19,8 +19,8 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.cli import run_main
 from utils.config import load_config
 from utils.data.imageio import read_rgb
-from utils.stage2.predict import load_segmenter, predict_logits
 from utils.runtime import Runtime
+from utils.stage2.predict import load_segmenter, predict_logits
 
 SMALL = ["demo.train_images=16", "demo.val_images=2", "demo.test_images=2", "stage1.epochs=2",
          "stage2.epochs=2", "stage1.image_size=32", "stage1.cam_flip=false", "stage2.crop_size=32",

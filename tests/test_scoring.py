@@ -10,14 +10,14 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import ROOT, load_script, save_png
-from utils.stage1.cam import cams_to_masks, claim_unclaimed
 from utils.config import load_config
 from utils.data.datasets import Item
 from utils.data.imageio import IGNORE_INDEX, overlay
-from utils.stage2.losses import IICBLoss, soft_dice_loss
 from utils.evaluation.metrics import confusion_matrix, scores
 from utils.evaluation.postprocess import fill_holes, fill_holes_with_probabilities
 from utils.runtime import Runtime
+from utils.stage1.cam import cams_to_masks, claim_unclaimed
+from utils.stage2.losses import IICBLoss, soft_dice_loss
 from utils.timm_settings import resolve_normalisation
 
 CPU = Runtime(torch.device("cpu"), None)

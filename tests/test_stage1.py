@@ -48,6 +48,7 @@ def test_timm_backbone_loads_a_local_weight_file_and_names_a_wrong_one(tmp_path)
     import pytest
     import timm
     import torch
+
     from models.classifier import build_backbone
 
     # A full timm checkpoint, saved from a DataParallel wrapper: its classifier is skipped, the rest must fit.

@@ -12,7 +12,7 @@ from conftest import ROOT, load_script
 from models.classifier import Stage1Classifier, build_backbone
 from models.dpr import DPR
 from models.timm_vit import spread_blocks
-from utils.checkpoint import CheckpointError, STAGE2_FORMAT, save_checkpoint
+from utils.checkpoint import STAGE2_FORMAT, CheckpointError, save_checkpoint
 from utils.config import ConfigError, load_config
 from utils.data.imageio import read_mask
 from utils.evaluation.metrics import confusion_matrix, scores

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.data.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, read_mask, read_mask_raw,
-                           read_rgb)
+                                read_rgb)
 from utils.data.transforms import stain_jitter, to_tensor
 
 _LABEL_GROUP = re.compile(r"^(?P<stem>.*)\[(?P<labels>[^\[\]]*)\]$")

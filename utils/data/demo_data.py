@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 
 from utils.config import ConfigError
-from utils.files import write_text
 from utils.data.imageio import IGNORE_INDEX, list_images, overlay, read_mask, read_rgb, write_palette_png, write_rgb
 from utils.data.prepare import label_string
+from utils.files import write_text
 
 # Optical densities (R, G, B) of haematoxylin and eosin, after Ruifrok & Johnston.
 HAEMATOXYLIN_OD = np.array([0.650, 0.704, 0.286])

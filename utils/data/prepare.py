@@ -32,10 +32,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from utils.data.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, palette_image,
+                                read_mask_raw, read_rgb)
 from utils.files import atomic_path, write_text
 from utils.provenance import hardware
-from utils.data.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, palette_image,
-                           read_mask_raw, read_rgb)
 
 GLAS_MASK_SUFFIX = "_anno"
 GLAS_TRAIN_PREFIX = "train_"

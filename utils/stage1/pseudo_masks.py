@@ -3,8 +3,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from utils.files import write_json
 from utils.data.imageio import DataError
+from utils.files import write_json
 
 MANIFEST = "manifest.json"
 

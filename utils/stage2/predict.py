@@ -5,9 +5,9 @@ import torch.nn as nn
 
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint
 from utils.config import background_index
+from utils.data.transforms import normalize_batch
 from utils.evaluation.postprocess import class_indices
 from utils.stage2.sliding_window import sliding_window_logits
-from utils.data.transforms import normalize_batch
 
 META_KEYS = ("encoder", "classes", "palette", "mean", "std", "window", "overlap")
 
@@ -57,6 +57,7 @@ def load_segmenter(path, device):
                               "re-export it with 2_train_stage2.py.")
     from utils.config import ConfigError
     from utils.timm_settings import model_kwargs
+
     # Files from before ViT encoders carry neither the architecture nor kwargs: a registry name without any.
     architecture = meta.get("encoder_architecture", meta["encoder"])
     try:
