@@ -75,3 +75,20 @@ def test_training_resolution_is_part_of_the_model_metadata():
     assert meta("configs/demo.yaml")["mpp"] == pytest.approx(0.5)
     assert meta(None, ["data.mpp=1"])["mpp"] == 1.0
     assert meta(None, ["data.mpp=null"])["mpp"] is None
+
+
+def test_bf16_on_a_cpu_autocasts_and_warns_only_without_native_support(capsys, monkeypatch):
+    import torch
+
+    import utils.runtime as runtime_module
+    cfg = load_config("configs/demo.yaml", ["device=cpu", "precision=bf16"])
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: True)
+    runtime = runtime_module.setup_runtime(cfg)
+    assert runtime.amp_dtype == torch.bfloat16 and "warning" not in capsys.readouterr().out
+    with runtime.autocast():
+        assert torch.nn.Conv2d(3, 4, 3)(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: False)
+    runtime_module.setup_runtime(cfg)
+    warning = capsys.readouterr().out
+    assert warning.count("\n") == 1 and "precision=bf16" in warning and "precision=fp32" in warning
+    assert runtime_module.setup_runtime(load_config("configs/demo.yaml", ["device=cpu"])).amp_dtype is None

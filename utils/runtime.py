@@ -83,10 +83,19 @@ def _pick_device(requested, local_rank):
     return device
 
 
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX: the x86 instructions that make bf16 convolutions faster than fp32 on a CPU."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check() for check in checks if check is not None)
+
+
 def _pick_precision(requested, device):
     if requested == "fp32" or (requested == "auto" and device.type != "cuda"):
         return None
     if requested == "bf16":
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            print("warning: precision=bf16 on a CPU without AVX512-BF16 or AMX is emulated and may run slower "
+                  "than fp32; set precision=fp32 if it does.", flush=True)
         return torch.bfloat16
     if requested == "fp16":
         return torch.float16
