@@ -2,6 +2,7 @@
 
     python bench.py            # paper settings: ResNet-38 + IBM (batch 20, 224 px), ResNeSt-200e DPR (batch 16)
     python bench.py --quick    # small networks and images: a minute or two on a laptop CPU
+    python bench.py --config configs/glas_cpu.yaml --only stage1_train stage2_train   # a config's networks
 
 Prints one line per figure (images/s, peak memory, model-FLOPs utilisation for the training steps) and
 writes the same to bench.json. (a) stage-1 training step, (b) CAMs + pseudo-masks end to end from PNG tiles
@@ -132,7 +133,7 @@ def training_figure(name, step, batch, steps, runtime, profile=False):
         print_profile(name, step, runtime.device)
     seconds = time_steps(step, steps, runtime.device)
     peak = peak_flops(runtime.device)
-    return {"figure": name, "images_per_s": batch / seconds, "step_ms": 1000 * seconds,
+    return {"figure": name, "batch": batch, "images_per_s": batch / seconds, "step_ms": 1000 * seconds,
             "peak_mem_gib": peak_memory_gib(runtime.device), "tflop_per_step": flops / 1e12,
             "mfu": (flops / seconds / peak) if peak else None}
 
@@ -464,21 +465,34 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print the top operators of the training steps")
     parser.add_argument("--only", nargs="*", default=None, choices=FIGURES, metavar="FIGURE",
                         help=f"run only these: {' '.join(FIGURES)}")
+    parser.add_argument("--config", default=None,
+                        help="time the networks, image sizes and batch sizes of this dataset YAML instead")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     s = dict(QUICK if args.quick else FULL, **(QUICK_VIT if args.quick else FULL_VIT), profile=args.profile)
-    common = [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
-              f"cuda_graphs={not args.no_cuda_graphs}", "num_workers=-1"]
-    cfg = load_config(None, common + [f"stage1.backbone={s['stage1_backbone']}", "stage1.out_indices=[1,2,3]",
-                                      "stage1.freeze_bn=true", f"stage2.encoder={s['stage2_encoder']}"])
+    common = [f"device={args.device}", f"compile={args.compile}", f"cuda_graphs={not args.no_cuda_graphs}",
+              "num_workers=-1"]
+    if args.precision != "auto" or args.config is None:  # else the config's own precision stands
+        common.append(f"precision={args.precision}")
+    if args.config:
+        # random weights: the speed is the same, and nothing has to be downloaded
+        cfg = load_config(args.config, common + ["stage1.pretrained=false", "stage2.pretrained=false"])
+        s.update(stage1_backbone=cfg.stage1.backbone, stage1_batch=cfg.stage1.batch_size,
+                 stage1_size=cfg.stage1.image_size, stage2_encoder=cfg.stage2.encoder,
+                 stage2_batch=cfg.stage2.batch_size, stage2_size=cfg.stage2.crop_size)
+    else:
+        cfg = load_config(None, common + [f"stage1.backbone={s['stage1_backbone']}", "stage1.out_indices=[1,2,3]",
+                                          "stage1.freeze_bn=true", f"stage2.encoder={s['stage2_encoder']}"])
     resolve_normalisation(cfg, "stage1")
     runtime = setup_runtime(cfg)
     wanted = set(args.only or FIGURES)
     device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else platform.processor() or "cpu"
     header = {"device": device_name, "torch": torch.__version__, "precision": str(runtime.amp_dtype or "fp32"),
-              "settings": "quick" if args.quick else "full", "world_size": runtime.world_size,
-              "compile": args.compile, "cuda_graphs": runtime.cuda_graphs, "threads": torch.get_num_threads()}
-    print(f"bench on {device_name} (torch {torch.__version__}, {header['precision']}, {header['settings']} settings"
+              "settings": "quick" if args.quick else "full", "config": args.config,
+              "world_size": runtime.world_size, "compile": args.compile, "cuda_graphs": runtime.cuda_graphs,
+              "threads": torch.get_num_threads()}
+    settings = f"{args.config}'s networks" if args.config else f"{header['settings']} settings"
+    print(f"bench on {device_name} (torch {torch.__version__}, {header['precision']}, {settings}"
           f"{', CUDA graphs' if runtime.cuda_graphs else ''}{', torch.compile' if args.compile else ''})")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

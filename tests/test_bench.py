@@ -1,0 +1,18 @@
+"""bench.py times a dataset config's own networks when given one."""
+import json
+
+import bench
+
+
+def test_bench_times_the_networks_and_precision_of_a_config(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--device", "cpu", "--config", "configs/glas_cpu.yaml",
+                       "--only", "stage1_train", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["config"] == "configs/glas_cpu.yaml"
+    assert written["precision"] == "torch.bfloat16"  # the config's own precision, since none was asked for
+    (figure,) = written["results"]
+    assert figure["figure"] == "stage1_train" and figure["batch"] == 32 and figure["images_per_s"] > 0
+    assert bench.main(["--quick", "--device", "cpu", "--config", "configs/glas_cpu.yaml", "--precision", "fp32",
+                       "--only", "stage1_train", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["precision"] == "fp32"
