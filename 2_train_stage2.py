@@ -17,7 +17,9 @@ import torch
 from tqdm import tqdm
 
 from models.dpr import DPR
-from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
+from models.timm_encoder import load_encoder_state
+from utils.checkpoint import (STAGE1_FORMAT, STAGE2_FORMAT, CheckpointError, load_checkpoint, save_checkpoint,
+                              save_safetensors)
 from utils.cli import run_main
 from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir, run_dir
 from utils.cuda_graphs import TrainStep
@@ -90,11 +92,35 @@ def build_segmenter(cfg):
             raise CheckpointError(f"stage2.init_from: {s2.init_from} does not fit a {s2.encoder} DPR with "
                                   f"{len(cfg.data.classes)} classes.") from None
         print(f"starting from {s2.init_from}")
+    if s2.encoder_from_stage1 and not s2.init_from:
+        start_encoder_from_stage1(cfg, model)
     if s2.freeze_encoder:
         model.freeze_encoder()
     if s2.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
     return model
+
+
+def start_encoder_from_stage1(cfg, model):
+    """Without pretrained weights, the stage-1 classifier's backbone is the best start the encoder has: it has
+    already learnt these tissues from every training tile. Its stages the encoder has are copied."""
+    s1, s2 = cfg.stage1, cfg.stage2
+    if s1.backbone != s2.encoder or (s1.backbone_kwargs or {}) != (s2.encoder_kwargs or {}):
+        raise ConfigError(f"stage2.encoder_from_stage1 needs the same network in both stages; stage1.backbone is "
+                          f"{s1.backbone} and stage2.encoder is {s2.encoder} (or their kwargs differ).")
+    given = s2.encoder_from_stage1
+    path = Path(given) if isinstance(given, str) else run_dir(cfg, "stage1") / "checkpoint.pth"
+    if not path.is_file():
+        raise ConfigError(f"stage2.encoder_from_stage1: no stage-1 checkpoint at {path}; run "
+                          "`python 1_train_stage1.py --config <your config>` first, or set it to false.")
+    prefix = "backbone.net."
+    state = {key[len(prefix):]: value for key, value in load_checkpoint(path, STAGE1_FORMAT)["model"].items()
+             if key.startswith(prefix)}
+    try:
+        load_encoder_state(model.encoder, s2.encoder, state, f"the stage-1 backbone in {path}", s2.encoder_kwargs)
+    except ValueError as error:
+        raise CheckpointError(f"stage2.encoder_from_stage1: {error}") from None
+    print(f"encoder starts from the stage-1 backbone in {path}")
 
 
 @torch.no_grad()

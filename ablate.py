@@ -58,6 +58,8 @@ def row_arguments(args, folder, key, stage, overrides, base_overrides):
                 f"stage1.epochs={args.stage1_epochs}", f"stage2.epochs={args.stage2_epochs}"]
     source = key if stage == "stage1" else SOURCE_ROW
     settings.append(f"data.pseudo_mask_dir={folder / source / 'pseudo_mask'}")
+    if stage == "stage2" and load_config(args.config, base_overrides).stage2.encoder_from_stage1:
+        settings.append(f"stage2.encoder_from_stage1={folder / source / 'stage1' / 'checkpoint.pth'}")
     settings += overrides
     return ["--config", args.config] + [part for text in settings for part in ("--set", text)]
 

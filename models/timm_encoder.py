@@ -137,7 +137,12 @@ def load_encoder_weights(encoder, encoder_name, path, kwargs=None):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weight file {path} does not exist; fix the path or use pretrained: false.")
-    state = read_weight_file(path, "weight file")
+    load_encoder_state(encoder, encoder_name, read_weight_file(path, "weight file"), f"weight file {path}", kwargs)
+
+
+def load_encoder_state(encoder, encoder_name, state, origin, kwargs=None):
+    """`load_encoder_weights` for weights already in memory ({timm full-model key: tensor}); `origin` names
+    where they came from in errors."""
     _, full_model = encoder_feature_info(encoder_name, kwargs)
     architecture_keys = set(full_model.state_dict())
     target = encoder.state_dict()
@@ -156,5 +161,5 @@ def load_encoder_weights(encoder, encoder_name, path, kwargs=None):
     unexpected = [k for k in state if k not in used and k not in architecture_keys]
     misfit = describe_misfit(missing, unexpected, wrong_shape)
     if misfit:
-        raise ValueError(f"weight file {path} does not fit timm network '{encoder_name}' ({misfit}).")
+        raise ValueError(f"{origin} does not fit timm network '{encoder_name}' ({misfit}).")
     encoder.load_state_dict(loaded, strict=False)

@@ -114,3 +114,35 @@ def test_flip_averaging_is_the_mean_over_flips():
     expected = (model(x) + model(x.flip(-1)).flip(-1) + model(x.flip(-2)).flip(-2)) / 3
     assert torch.allclose(FlipAveraged(model)(x), expected)
     assert torch.allclose(FlipAveraged(nn.Identity())(x), x)
+
+
+def test_stage2_encoder_starts_from_the_stage1_backbone(tmp_path):
+    import importlib
+
+    import pytest
+
+    from utils.checkpoint import STAGE1_FORMAT, CheckpointError, save_checkpoint
+    from utils.config import ConfigError, load_config
+    stage1 = importlib.import_module("1_train_stage1")
+    stage2 = importlib.import_module("2_train_stage2")
+    settings = [f"runs_dir={tmp_path}", "stage2.encoder_from_stage1=true"]
+    cfg = load_config("configs/demo.yaml", settings)
+    with pytest.raises(ConfigError, match="no stage-1 checkpoint"):
+        stage2.build_segmenter(cfg)
+    classifier = stage1.build_classifier(cfg)
+    path = tmp_path / cfg.name / "stage1" / "checkpoint.pth"
+    path.parent.mkdir(parents=True)
+    save_checkpoint(path, {"format": STAGE1_FORMAT, "model": classifier.state_dict(), "config": cfg.to_dict()})
+    model = stage2.build_segmenter(cfg)
+    copied = classifier.backbone.net.state_dict()
+    encoder = model.encoder.state_dict()
+    assert {"conv1.weight", "layer1.0.conv1.weight", "layer2.0.conv1.weight"} <= set(encoder)
+    assert all(torch.equal(encoder[key], copied[key]) for key in encoder)
+    fresh = stage2.build_segmenter(load_config("configs/demo.yaml", [f"runs_dir={tmp_path}"]))
+    assert not torch.equal(fresh.encoder.state_dict()["conv1.weight"], copied["conv1.weight"])
+    with pytest.raises(ConfigError, match="same network in both stages"):
+        stage2.build_segmenter(load_config("configs/demo.yaml", settings + ["stage2.encoder=resnet34"]))
+    cut = {key: value for key, value in classifier.state_dict().items() if ".layer2." not in key}
+    save_checkpoint(path, {"format": STAGE1_FORMAT, "model": cut, "config": cfg.to_dict()})
+    with pytest.raises(CheckpointError, match="layer2"):  # a backbone without the stages the encoder needs
+        stage2.build_segmenter(cfg)

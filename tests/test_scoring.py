@@ -278,7 +278,7 @@ def test_ablation_rows_share_stage1_score_val_only_and_make_a_table(tmp_path, ca
     from conftest import TINY_DEMO
     ablate = load_script("ablate")
     overrides = [o for o in TINY_DEMO if not o.startswith(("stage1.epochs", "stage2.epochs"))]
-    overrides += [f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}"]
+    overrides += [f"data.root={tmp_path / 'data'}", f"runs_dir={tmp_path / 'runs'}", "stage2.encoder_from_stage1=true"]
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), *[p for o in overrides for p in ("--set", o)],
             "--rows", "no_eta", "no_aux", "--stage1-epochs", "1", "--stage2-epochs", "1"]
     assert ablate.main(argv) == 0
@@ -289,6 +289,7 @@ def test_ablation_rows_share_stage1_score_val_only_and_make_a_table(tmp_path, ca
         assert set(metrics["images"]) == {"val"}  # no test split is ever scored by an ablation
         config = (folder / row / "stage2" / "config.yaml").read_text()
         assert str(folder / "stage1_ibm" / "pseudo_mask") in config
+        assert str(folder / "stage1_ibm" / "stage1" / "checkpoint.pth") in config  # the shared stage 1 starts it
     assert "aux_path: false" in (folder / "no_aux" / "stage2" / "config.yaml").read_text()
     printed = capsys.readouterr().out
     assert "stage 2: IICB without eta (soft Dice)" in printed and "stage 1: CAMs with IBM" in printed

@@ -122,6 +122,8 @@ DEFAULTS = {
         "eval_batch_size": 8,
         "iicb": {"alpha": 1.0, "beta": 0.2, "gamma": 0.1, "delta": 0.1, "eta": 0.1, "tau": 0.4},
         "init_from": None,
+        "encoder_from_stage1": False,    # start the encoder from stage 1's backbone (same timm network):
+                                         # true (this run's stage-1 checkpoint) or a stage-1 checkpoint file
         "train_masks": "pseudo",         # pseudo | ground_truth
         "max_train_images": None,
         "accept_foreign_pseudo_masks": False,
@@ -156,6 +158,7 @@ OPTIONAL_TYPES = {
 UNION_TYPES = {  # keys that accept more than one type
     "stage1.pretrained": (bool, str),
     "stage2.pretrained": (bool, str),
+    "stage2.encoder_from_stage1": (bool, str),
 }
 # Mappings passed on as they are (keyword arguments of another library), not settings of ours.
 MODEL_KWARGS = ("stage1.backbone_kwargs", "stage2.encoder_kwargs")
