@@ -103,7 +103,7 @@ def build_segmenter(cfg):
 
 def start_encoder_from_stage1(cfg, model):
     """Without pretrained weights, the stage-1 classifier's backbone is the best start the encoder has: it has
-    already learnt these tissues from every training tile. Its stages the encoder has are copied."""
+    already learnt these tissues from every training tile. The stages the encoder has are copied from it."""
     s1, s2 = cfg.stage1, cfg.stage2
     if s1.backbone != s2.encoder or (s1.backbone_kwargs or {}) != (s2.encoder_kwargs or {}):
         raise ConfigError(f"stage2.encoder_from_stage1 needs the same network in both stages; stage1.backbone is "
