@@ -52,13 +52,14 @@ def row_plan(names=None):
     return [row for row in rows if row[0] in wanted]
 
 
-def row_arguments(args, folder, key, stage, overrides, base_overrides):
-    """The stage script's command line for one row: its own run folder, val only, the shared schedule."""
+def row_arguments(args, folder, key, stage, overrides, base_overrides, stage1_start=False):
+    """The stage script's command line for one row: its own run folder, val only, the shared schedule.
+    stage1_start: the config starts stage 2 from stage 1, which for every stage-2 row is the shared one."""
     settings = [*base_overrides, f"runs_dir={folder}", f"name={key}", "data.test_splits=[]",
                 f"stage1.epochs={args.stage1_epochs}", f"stage2.epochs={args.stage2_epochs}"]
     source = key if stage == "stage1" else SOURCE_ROW
     settings.append(f"data.pseudo_mask_dir={folder / source / 'pseudo_mask'}")
-    if stage == "stage2" and load_config(args.config, base_overrides).stage2.encoder_from_stage1:
+    if stage == "stage2" and stage1_start:
         settings.append(f"stage2.encoder_from_stage1={folder / source / 'stage1' / 'checkpoint.pth'}")
     settings += overrides
     return ["--config", args.config] + [part for text in settings for part in ("--set", text)]
@@ -88,7 +89,8 @@ def main(argv=None):
             continue
         print(f"\n--- {key}: {label}", flush=True)
         script = "1_train_stage1" if stage == "stage1" else "2_train_stage2"
-        code = __import__(script).main(row_arguments(args, folder, key, stage, overrides, args.overrides))
+        code = __import__(script).main(row_arguments(args, folder, key, stage, overrides, args.overrides,
+                                                           bool(cfg.stage2.encoder_from_stage1)))
         if code:
             return code
     print(f"\nablation finished in {(time.perf_counter() - started) / 60:.1f} min\n")

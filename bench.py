@@ -475,8 +475,9 @@ def main(argv=None):
     if args.precision != "auto" or args.config is None:  # else the config's own precision stands
         common.append(f"precision={args.precision}")
     if args.config:
-        # random weights: the speed is the same, and nothing has to be downloaded
-        cfg = load_config(args.config, common + ["stage1.pretrained=false", "stage2.pretrained=false"])
+        # random weights: the speed is the same, and nothing has to be downloaded or trained first
+        cfg = load_config(args.config, common + ["stage1.pretrained=false", "stage2.pretrained=false",
+                                                 "stage2.encoder_from_stage1=false"])
         s.update(stage1_backbone=cfg.stage1.backbone, stage1_batch=cfg.stage1.batch_size,
                  stage1_size=cfg.stage1.image_size, stage2_encoder=cfg.stage2.encoder,
                  stage2_batch=cfg.stage2.batch_size, stage2_size=cfg.stage2.crop_size)

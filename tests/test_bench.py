@@ -16,3 +16,11 @@ def test_bench_times_the_networks_and_precision_of_a_config(tmp_path):
     assert bench.main(["--quick", "--device", "cpu", "--config", "configs/glas_cpu.yaml", "--precision", "fp32",
                        "--only", "stage1_train", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["precision"] == "fp32"
+
+
+def test_bench_times_stage2_of_a_config_that_starts_it_from_stage1(tmp_path):
+    out = tmp_path / "bench.json"  # glas_cpu starts stage 2 from a stage-1 run that a benchmark does not have
+    assert bench.main(["--quick", "--device", "cpu", "--config", "configs/glas_cpu.yaml",
+                       "--only", "stage2_train", "--out", str(out)]) == 0
+    (figure,) = json.loads(out.read_text())["results"]
+    assert "error" not in figure and figure["batch"] == 8 and figure["images_per_s"] > 0
