@@ -81,7 +81,8 @@ def build_segmenter(cfg):
     check_vit_settings(cfg, "stage2", facts)
     try:
         model = DPR(s2.encoder, len(cfg.data.classes), pretrained=s2.pretrained, refine=s2.refinement_attention,
-                    aux=s2.aux_path, encoder_kwargs=facts.kwargs, vit_block=s2.vit_block)
+                    aux=s2.aux_path, encoder_kwargs=facts.kwargs, vit_block=s2.vit_block,
+                    encoder_stage=s2.encoder_stage)
     except ValueError as error:
         raise CheckpointError(f"stage2.pretrained: {error}") from None
     if s2.init_from:
@@ -105,7 +106,7 @@ def start_encoder_from_stage1(cfg, model):
     """Without pretrained weights, the stage-1 classifier's backbone is the best start the encoder has: it has
     already learnt these tissues from every training tile. The stages the encoder has are copied from it."""
     s1, s2 = cfg.stage1, cfg.stage2
-    if s1.backbone != s2.encoder or (s1.backbone_kwargs or {}) != (s2.encoder_kwargs or {}):
+    if s1.backbone != s2.encoder or weight_kwargs(s1.backbone_kwargs) != weight_kwargs(s2.encoder_kwargs):
         raise ConfigError(f"stage2.encoder_from_stage1 needs the same network in both stages; stage1.backbone is "
                           f"{s1.backbone} and stage2.encoder is {s2.encoder} (or their kwargs differ).")
     given = s2.encoder_from_stage1
@@ -121,6 +122,11 @@ def start_encoder_from_stage1(cfg, model):
     except ValueError as error:
         raise CheckpointError(f"stage2.encoder_from_stage1: {error}") from None
     print(f"encoder starts from the stage-1 backbone in {path}")
+
+
+def weight_kwargs(kwargs):
+    """The model kwargs that can change weights: dilation (`output_stride`) changes only how they are applied."""
+    return {key: value for key, value in (kwargs or {}).items() if key != "output_stride"}
 
 
 @torch.no_grad()
@@ -209,7 +215,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     check_crop_size(s2.crop_size, images, s2.train_on)
     dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
                               len(cfg.data.classes), augment=True, seed=cfg.seed,
-                              jitter=(s2.hed_jitter, s2.color_jitter), crops_per_image=s2.crops_per_image)
+                              jitter=(s2.hed_jitter, s2.color_jitter), crops_per_image=s2.crops_per_image,
+                              scale_jitter=s2.scale_jitter, rotate90=s2.rotate90)
     loader = training_loader(dataset, per_rank_batch, runtime, cfg.seed)
     if runtime.is_main:
         print(f"stage 2 on {len(dataset)} images with {'ground-truth' if encoding != 'index' or s2.train_masks == 'ground_truth' else 'pseudo'} masks")

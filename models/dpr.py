@@ -14,14 +14,25 @@ from models.timm_vit import VitFeatures
 PYRAMID_BINS = (1, 2, 3, 6)
 
 
-def stride8_out_indices(encoder_name, kwargs=None):
-    """(index,) of the deepest encoder feature whose reduction is at most 8."""
+def stride8_out_indices(encoder_name, kwargs=None, stage=None):
+    """(index,) of the encoder feature DPR decodes: `stage` when given, else the deepest whose reduction is at
+    most 8. A chosen stage must be at stride 8 or finer too (dilated by an `output_stride` kwarg, for one)."""
     info, _ = encoder_feature_info(encoder_name, kwargs)
-    fine = [i for i, reduction in enumerate(info.reduction()) if reduction <= 8]
+    reductions = info.reduction()
+    fine = [i for i, reduction in enumerate(reductions) if reduction <= 8]
     if not fine:
         raise ValueError(f"timm encoder '{encoder_name}' has no feature map at stride 8 or finer; "
                          f"pick a convolutional encoder such as a ResNet or ResNeSt, or a plain Vision Transformer.")
-    return (fine[-1],)
+    if stage is None:
+        return (fine[-1],)
+    if not 0 <= stage < len(reductions):
+        raise ValueError(f"timm encoder '{encoder_name}' has feature stages 0 to {len(reductions) - 1}, "
+                         f"not {stage}.")
+    if reductions[stage] > 8:
+        raise ValueError(f"stage {stage} of timm encoder '{encoder_name}' is at stride {reductions[stage]}; DPR "
+                         "decodes stride 8: dilate it with encoder_kwargs {output_stride: 8} or pick a stage "
+                         f"from {fine[0]} to {fine[-1]}.")
+    return (stage,)
 
 
 def conv_bn_relu(in_channels, out_channels, kernel_size):
@@ -91,11 +102,12 @@ class DPR(nn.Module):
     forward(x) returns {"main", "aux"} logits in training mode and the main logits in eval mode, both at
     the input's height and width. `refine` and `aux` switch off the refinement attention and the auxiliary
     path (for ablations); training then returns "aux" None. `encoder_kwargs` go to timm.create_model;
-    `vit_block` is the block whose tokens a Vision Transformer encoder gives (negative: from the end).
+    `vit_block` is the block whose tokens a Vision Transformer encoder gives (negative: from the end);
+    `encoder_stage` the convolutional encoder's feature stage it decodes (None: the deepest at stride 8).
     """
 
     def __init__(self, encoder: str, num_classes: int, pretrained=False, refine=True, aux=True,
-                 encoder_kwargs=None, vit_block=-1):
+                 encoder_kwargs=None, vit_block=-1, encoder_stage=None):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"DPR needs at least 2 classes, got num_classes={num_classes}.")
@@ -105,9 +117,9 @@ class DPR(nn.Module):
             self.encoder = VitFeatures(encoder, (vit_block,), count=1, pretrained=pretrained, kwargs=encoder_kwargs)
             self.size_multiple, channels = self.encoder.size_multiple, self.encoder.channels
         else:
-            # Only the stages up to stride 8 are built, so deeper stages cost neither memory nor time.
+            # Only the stages up to the decoded one are built, so deeper stages cost neither memory nor time.
             self.encoder = create_timm_model(encoder, pretrained, encoder_kwargs, features_only=True,
-                                             out_indices=stride8_out_indices(encoder, encoder_kwargs))
+                                             out_indices=stride8_out_indices(encoder, encoder_kwargs, encoder_stage))
             if pretrained not in (False, True, None):
                 load_encoder_weights(self.encoder, encoder, pretrained, encoder_kwargs)
             channels = self.encoder.feature_info.channels()[-1]

@@ -27,6 +27,20 @@ def test_encoder_stops_at_stride8_and_runs_once():
     assert calls == [torch.Size([2, 128, 8, 6])]
 
 
+def test_a_chosen_stage_is_decoded_when_it_is_dilated_to_stride8():
+    assert stride8_out_indices("resnet18", {"output_stride": 8}, 3) == (3,)
+    with pytest.raises(ValueError, match="output_stride: 8"):  # layer3 at its native stride 16
+        stride8_out_indices("resnet18", None, 3)
+    with pytest.raises(ValueError, match="stages 0 to 4"):
+        stride8_out_indices("resnet18", None, 7)
+    model = DPR(ENCODER, num_classes=2, encoder_kwargs={"output_stride": 8}, encoder_stage=3).train()
+    names = [name for name, _ in model.encoder.named_children()]
+    assert "layer3" in names and "layer4" not in names
+    assert model.encode(torch.randn(1, 3, 64, 48)).shape == (1, 256, 8, 6)
+    out = model(torch.randn(2, 3, 64, 48))
+    assert out["main"].shape == out["aux"].shape == (2, 2, 64, 48)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (37, 51), (9, 13)])
 def test_outputs_match_input_size_in_train_and_eval(size):
     torch.manual_seed(0)

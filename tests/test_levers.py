@@ -1,5 +1,5 @@
 """The optional levers of a from-scratch recipe do what they claim, mechanically: stain jitter moves colours
-and nothing else, CAM refinement never brings in a class the label lacks, stitched whole-image maps equal
+and nothing else, scale jitter and rotations move image and mask together, CAM refinement never brings in a class the label lacks, stitched whole-image maps equal
 the patch maps where one patch covers a pixel, and the averaged model and flip averaging are what they say."""
 import numpy as np
 import torch
@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from conftest import save_png
 from utils.data.datasets import Item, SegmentationSet
+from utils.data.imageio import IGNORE_INDEX
 from utils.data.transforms import stain_jitter
 from utils.stage1.cam import cams_to_masks, refine_cams
 from utils.stage1.stitch import VoteStitcher, patch_votes
@@ -35,6 +36,32 @@ def test_stain_jitter_changes_colours_and_keeps_masks_aligned(tmp_path):
         changed += int(not torch.equal(image_a, image_b))
     assert changed == 8
     assert np.array_equal(stain_jitter(image, rng, 0.0, 0.0), image)
+
+
+def test_scale_jitter_and_rotations_move_image_and_mask_together(tmp_path):
+    image = np.full((60, 60, 3), 235, np.uint8)
+    mask = np.zeros((60, 60), np.uint8)
+    mask[20:32, 10:50] = 1  # a wide block: a transposed crop shows it tall
+    image[mask == 1] = (120, 40, 140)
+    save_png(tmp_path / "img.png", image)
+    save_png(tmp_path / "mask.png", mask)
+    args = ([tmp_path / "img.png"], [tmp_path / "mask.png"], 56, [0, 0, 0], [1, 1, 1], "index", 2)
+    dataset = SegmentationSet(*args, seed=5, scale_jitter=0.4, rotate90=True)
+    areas, tall, wide = set(), 0, 0
+    for key in [(epoch, 0) for epoch in range(16)]:
+        crop, crop_mask, _ = dataset[key]
+        assert set(crop_mask.unique().tolist()) <= {0, 1, IGNORE_INDEX}  # no label invented by resizing
+        block = crop_mask == 1
+        dark = crop.mean(dim=0) < 0.7
+        # bilinear resizing blends the block's one-pixel rim; everywhere else image and mask agree
+        assert (dark != block)[crop_mask != IGNORE_INDEX].float().mean() < 0.05
+        rows, cols = block.any(dim=1).sum().item(), block.any(dim=0).sum().item()
+        tall, wide = tall + int(rows > cols), wide + int(cols > rows)
+        areas.add(block.sum().item())
+    assert tall and wide  # both orientations were drawn
+    assert len(areas) > 4  # and several scales
+    untouched = SegmentationSet(*args, seed=5)  # the settings off: crops as before, at the image's own scale
+    assert all(untouched[(epoch, 0)][1].eq(1).sum().item() == 12 * 40 for epoch in range(4))
 
 
 def test_refinement_never_brings_in_a_class_the_label_lacks():
@@ -146,3 +173,39 @@ def test_stage2_encoder_starts_from_the_stage1_backbone(tmp_path):
     save_checkpoint(path, {"format": STAGE1_FORMAT, "model": cut, "config": cfg.to_dict()})
     with pytest.raises(CheckpointError, match="layer2"):  # a backbone without the stages the encoder needs
         stage2.build_segmenter(cfg)
+
+
+def test_stage2_decodes_the_dilated_stage1_layer3_and_keeps_it_in_its_file(tmp_path):
+    import importlib
+
+    import pytest
+
+    from utils.checkpoint import STAGE1_FORMAT, save_checkpoint
+    from utils.config import ConfigError, load_config
+    from utils.stage2.predict import load_segmenter
+    from utils.timm_settings import resolve_normalisation
+    stage1 = importlib.import_module("1_train_stage1")
+    stage2 = importlib.import_module("2_train_stage2")
+    deep = [f"runs_dir={tmp_path}", "stage1.out_indices=[1, 2, 3]", "stage1.output_stride=32"]
+    with pytest.raises(ConfigError, match="stage2.encoder_stage.*output_stride: 8"):
+        stage2.build_segmenter(load_config("configs/demo.yaml", deep + ["stage2.encoder_stage=3"]))
+    settings = deep + ["stage2.encoder_from_stage1=true", "stage2.encoder_kwargs={output_stride: 8}",
+                       "stage2.encoder_stage=3"]
+    cfg = load_config("configs/demo.yaml", settings)
+    classifier = stage1.build_classifier(cfg)
+    path = tmp_path / cfg.name / "stage1" / "checkpoint.pth"
+    path.parent.mkdir(parents=True)
+    save_checkpoint(path, {"format": STAGE1_FORMAT, "model": classifier.state_dict(), "config": cfg.to_dict()})
+    model = stage2.build_segmenter(cfg).eval()
+    copied, encoder = classifier.backbone.net.state_dict(), model.encoder.state_dict()
+    assert "layer3.0.conv1.weight" in encoder and not any(key.startswith("layer4.") for key in encoder)
+    assert all(torch.equal(encoder[key], copied[key]) for key in encoder)
+    # the dilated stage runs at stride 8: 32 px in, a 4 x 4 map of 256 channels out
+    assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 256, 4, 4)
+    resolve_normalisation(cfg, "stage2")  # the mean and std a stage-2 file carries
+    saved = tmp_path / "best.pth"
+    stage2.save_stage2(saved, model, cfg, {"epoch": 1})
+    loaded, _ = load_segmenter(saved, torch.device("cpu"))
+    x = torch.rand(1, 3, 40, 48)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)

@@ -105,6 +105,9 @@ DEFAULTS = {
         "encoder_kwargs": {},            # passed to timm.create_model, as stage1.backbone_kwargs
         "pretrained": False,
         "vit_block": -1,                 # Vision Transformers: the block whose tokens DPR decodes
+        "encoder_stage": None,           # convolutional encoders: the feature stage DPR decodes (timm index;
+                                         # default: the deepest at stride 8; a deeper one needs encoder_kwargs
+                                         # {output_stride: 8})
         "freeze_encoder": False,         # train only the DPR decoder
         "layer_decay": 1.0,              # Vision Transformers: lr x decay^(blocks above), 1: off
         "grad_checkpointing": False,     # recompute encoder activations in backward (less memory)
@@ -135,6 +138,9 @@ DEFAULTS = {
         "ema_decay": 0.0,                # exponential moving average of the weights (0: off), e.g. 0.999
         "hed_jitter": 0.0,               # stain augmentation, as stage1.hed_jitter
         "color_jitter": 0.0,
+        "scale_jitter": 0.0,             # image and mask resized by U(1 - s, 1 + s) before the crop (0: off)
+        "rotate90": False,               # also transpose crops at random: with the flips, all 8 right-angle
+                                         # rotations and mirrorings (tissue has no up)
     },
     "inference": {                       # run_pipeline.py's inference step
         "batch_size": 16,
@@ -154,6 +160,7 @@ OPTIONAL_TYPES = {
     "inference.overlap": (float, int),
     "stage2.init_from": (str,),
     "stage2.max_train_images": (int,),
+    "stage2.encoder_stage": (int,),
 }
 UNION_TYPES = {  # keys that accept more than one type
     "stage1.pretrained": (bool, str),
@@ -311,7 +318,7 @@ def _validate(cfg, source):
         raise ConfigError(f"{source}: 'stage1.out_indices' needs three stage indices.")
     _validate_encoder_settings(cfg, source)
     for key in ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
-                "stage2.ema_decay"):
+                "stage2.ema_decay", "stage2.scale_jitter"):
         if not 0 <= _get(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")
     for key in ("stage2.overlap", "inference.overlap"):

@@ -124,6 +124,15 @@ def check_vit_settings(cfg, stage, facts):
     from models.timm_vit import resolve_blocks
     setting, name, _, _ = stage_model(cfg, stage)
     settings = cfg.stage1 if stage == "stage1" else cfg.stage2
+    if stage == "stage2" and settings.encoder_stage is not None:
+        if facts.vit:
+            raise ConfigError(f"'stage2.encoder_stage' applies to convolutional encoders; {name} is a Vision "
+                              "Transformer, whose block is chosen by 'stage2.vit_block'.")
+        from models.dpr import stride8_out_indices
+        try:
+            stride8_out_indices(name, facts.kwargs, settings.encoder_stage)
+        except ValueError as error:
+            raise ConfigError(f"'stage2.encoder_stage': {error}") from None
     if not facts.vit:
         if settings.layer_decay != 1:
             raise ConfigError(f"'{stage}.layer_decay' applies to Vision Transformers, and {name} is not one; set "

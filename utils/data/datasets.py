@@ -214,8 +214,9 @@ class SegmentationSet(Dataset):
     """Stage 2: image + (pseudo or true) class-index mask, random crop of crop_size (padded with ignore)."""
 
     def __init__(self, images, masks, crop_size, mean, std, encoding, num_classes, augment=True, seed=0,
-                 jitter=(0.0, 0.0), crops_per_image=1):
+                 jitter=(0.0, 0.0), crops_per_image=1, scale_jitter=0.0, rotate90=False):
         self.images, self.masks, self.seed, self.jitter = images, masks, seed, tuple(jitter)
+        self.scale_jitter, self.rotate90 = scale_jitter, rotate90
         self.crops_per_image = crops_per_image  # an epoch visits each image this many times
         self.crop_size, self.mean, self.std = crop_size, mean, std
         self.encoding, self.num_classes, self.augment = encoding, num_classes, augment
@@ -224,7 +225,7 @@ class SegmentationSet(Dataset):
         return len(self.images) * self.crops_per_image
 
     def __getitem__(self, key):
-        from utils.data.transforms import random_crop_pair
+        from utils.data.transforms import random_crop_pair, random_scale_pair
         rng, index = augmentation_rng(self.seed, key)
         index //= self.crops_per_image
         image = read_rgb(self.images[index])
@@ -232,7 +233,9 @@ class SegmentationSet(Dataset):
         if mask.shape != image.shape[:2]:
             raise DataError(f"{self.masks[index]}: mask size {mask.shape[::-1]} differs from its image "
                             f"{image.shape[1::-1]}.")
-        image, mask = random_crop_pair(image, mask, self.crop_size, rng, self.augment)
+        if self.augment:
+            image, mask = random_scale_pair(image, mask, rng, self.scale_jitter)
+        image, mask = random_crop_pair(image, mask, self.crop_size, rng, self.augment, self.augment and self.rotate90)
         if self.augment:
             image = stain_jitter(image, rng, *self.jitter)
         return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64)), index

@@ -1,5 +1,5 @@
-"""Image <-> tensor conversion and the augmentations: flips and crops (the method's), stain and colour
-jitter (optional, for models trained from scratch)."""
+"""Image <-> tensor conversion and the augmentations: flips and crops (the method's); scale jitter, right-angle
+rotations, stain and colour jitter (optional, for models trained from scratch)."""
 import numpy as np
 import torch
 
@@ -22,8 +22,22 @@ def normalize_batch(batch_uint8, mean, std):
     return batch.sub_(mean).div_(std)
 
 
-def random_crop_pair(image, mask, size, rng, flip=True):
-    """Pad to at least size (image white, mask ignore), crop size x size at random, flip both."""
+def random_scale_pair(image, mask, rng, jitter):
+    """Image and mask resized together by a factor drawn from U(1 - jitter, 1 + jitter): glands at other
+    sizes. The mask is resized by nearest neighbour, so it only holds labels it held before."""
+    if not jitter:
+        return image, mask
+    import cv2
+    factor = rng.uniform(1 - jitter, 1 + jitter)
+    height, width = mask.shape
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return (cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
+            cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST))
+
+
+def random_crop_pair(image, mask, size, rng, flip=True, rotate=False):
+    """Pad to at least size (image white, mask ignore), crop size x size at random, flip both (and transpose
+    both, when `rotate`)."""
     height, width = mask.shape
     pad_h, pad_w = max(size - height, 0), max(size - width, 0)
     if pad_h or pad_w:
@@ -38,6 +52,8 @@ def random_crop_pair(image, mask, size, rng, flip=True):
         image, mask = image[:, ::-1], mask[:, ::-1]
     if flip and rng.random() < 0.5:
         image, mask = image[::-1], mask[::-1]
+    if rotate and rng.random() < 0.5:
+        image, mask = image.transpose(1, 0, 2), mask.T
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 

@@ -35,6 +35,7 @@ def segmenter_meta(cfg):
     architecture, hub_args, _ = timm_architecture(cfg.stage2.encoder)
     return {"encoder": cfg.stage2.encoder, "encoder_architecture": architecture, "encoder_hub_args": hub_args,
             "encoder_kwargs": dict(cfg.stage2.encoder_kwargs), "vit_block": cfg.stage2.vit_block,
+            "encoder_stage": cfg.stage2.encoder_stage,
             "classes": list(cfg.data.classes),
             "palette": [list(c) for c in cfg.data.palette], "mean": list(cfg.data.mean),
             "std": list(cfg.data.std), "window": cfg.stage2.window, "overlap": cfg.stage2.overlap,
@@ -70,7 +71,7 @@ def load_segmenter(path, device):
         with torch.device("meta"):
             model = DPR(architecture, len(meta["classes"]), pretrained=False,
                         refine=meta.get("refinement_attention", True), aux=False, encoder_kwargs=kwargs,
-                        vit_block=meta.get("vit_block", -1))
+                        vit_block=meta.get("vit_block", -1), encoder_stage=meta.get("encoder_stage"))
     except (ValueError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{path}: its encoder {architecture} cannot be built with this timm "
                               f"({str(error).splitlines()[0][:200]}).") from None
