@@ -32,7 +32,7 @@ from utils.provenance import RUN_RECORD, StepTimer
 from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
 from utils.stage1.cam import (cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam, normalise_cams, refine_cams,
                               scaled_size)
-from utils.stage1.pseudo_masks import file_sha256, pseudo_mask_name, read_manifest, write_manifest
+from utils.stage1.pseudo_masks import file_sha256, mask_settings, pseudo_mask_name, read_manifest, write_manifest
 from utils.stage1.stitch import VoteStitcher, patch_votes, whole_image_dir
 from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, layer_decay_scales,
@@ -240,8 +240,9 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
     previous = read_manifest(folder)
     stitcher = VoteStitcher(items, len(classes)) if s1.stitch_whole_images else None
     # stitching needs every patch's class maps, so nothing is kept from before
+    settings = mask_settings(s1)
     reuse = (not overwrite and stitcher is None and previous is not None
-             and previous.get("checkpoint_sha256") == checkpoint_sha)
+             and previous.get("checkpoint_sha256") == checkpoint_sha and previous.get("settings") == settings)
     todo = [i for i, item in enumerate(items)
             if not (reuse and (folder / pseudo_mask_name(item.image)).is_file())]
     runtime.barrier()  # every rank has read the old manifest before rank 0 replaces it
@@ -250,7 +251,7 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
         if not reuse:  # else, once the manifest names this checkpoint, a cut-short run would keep them as its own
             for index in todo:
                 (folder / pseudo_mask_name(items[index].image)).unlink(missing_ok=True)
-        write_manifest(folder, checkpoint_sha, cfg.name, classes, [], complete=False)
+        write_manifest(folder, checkpoint_sha, cfg.name, classes, [], complete=False, settings=settings)
     runtime.barrier()
     # whole batches per rank, each as a single process would form it: masks do not depend on the rank count
     batches = [todo[start:start + s1.cam_batch_size] for start in range(0, len(todo), s1.cam_batch_size)]
@@ -270,7 +271,7 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage1.cam_batch_size")) from None
             background = background_index(classes, cfg.data.background)
-            masks = cams_to_masks(cams, labels, background)
+            masks = cams_to_masks(cams, labels, background, s1.background_cam_scale)
             heat = heatmap_of(cams, labels, background)
             fill = class_indices(classes, s1.pseudo_mask_fill_holes)
             masks, heat = masks.cpu().numpy(), heat.cpu().numpy()
@@ -310,7 +311,7 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
     runtime.barrier()
     if runtime.is_main:
         write_manifest(folder, checkpoint_sha, cfg.name, classes,
-                       [pseudo_mask_name(item.image) for item in items], complete=True)
+                       [pseudo_mask_name(item.image) for item in items], complete=True, settings=settings)
     return confusion, samples, len(kept)
 
 
@@ -322,17 +323,18 @@ def write_whole_images(cfg, stitcher, runtime, checkpoint_sha):
         return
     classes = cfg.data.classes
     folder = whole_image_dir(pseudo_mask_dir(cfg))
-    write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, [], complete=False)
+    settings = mask_settings(cfg.stage1)
+    write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, [], complete=False, settings=settings)
     background = background_index(classes, cfg.data.background)
     fill = class_indices(classes, cfg.stage1.pseudo_mask_fill_holes)
     names = []
     with BackgroundWriter() as writer:
         for stem in tqdm(stitcher.stems(), desc="whole images", leave=False):
-            mask = fill_holes(stitcher.mask(stem, background), fill)
+            mask = fill_holes(stitcher.mask(stem, background, cfg.stage1.background_cam_scale), fill)
             writer.submit(write_rgb, folder / "img" / f"{stem}.png", stitcher.image(stem))
             writer.submit(write_palette_png, folder / "mask" / f"{stem}.png", mask, cfg.data.palette)
             names.append(f"{stem}.png")
-    write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, names, complete=True)
+    write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, names, complete=True, settings=settings)
     print(f"{len(names)} whole training images and their stitched pseudo-masks written to {folder}")
 
 
@@ -354,7 +356,8 @@ def score_whole_images(cfg, model, split_list, runtime, scale):
                                getattr(model, "size_multiple", 1))[None]
         tensor = tensor.to(runtime.device)
         cams, labels = class_maps(model, tensor, truth.shape, None, s1, runtime)
-        mask = claim_unclaimed(cams_to_masks(cams, labels, background), background)[0].cpu().numpy()
+        masks = cams_to_masks(cams, labels, background, s1.background_cam_scale)
+        mask = claim_unclaimed(masks, background)[0].cpu().numpy()
         confusion[0] += confusion_matrix(mask, truth, num_classes, count_unclaimed=True)
         if fill:
             confusion[1] += confusion_matrix(fill_holes(mask, fill), truth, num_classes, count_unclaimed=True)

@@ -230,6 +230,11 @@ def test_pseudo_masks_are_reused_unless_overwrite(tmp_path, trained):
     assert not any(is_old(folder / n) for n in names)
     assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == contents
 
+    mark_old(folder.glob("*.png"))  # same checkpoint, another pseudo-mask setting: nothing is reused
+    assert stage1.main(masks_argv + ["--set", "stage1.background_cam_scale=0.5"]) == 0
+    assert not any(is_old(folder / n) for n in names)
+    assert json.loads((folder / "manifest.json").read_text())["settings"]["background_cam_scale"] == 0.5
+
 
 def test_stage2_refuses_foreign_or_partial_pseudo_masks(tmp_path, trained):
     argv, stage1_dir, pseudo, data = trained

@@ -57,3 +57,16 @@ def test_fill_holes_closes_enclosed_regions_only():
     assert (filled[2:5, 2:5][np.arange(9).reshape(3, 3) != 4] == 1).all()
     assert filled[3, 3] == 255 and filled[1, 8] == 0
     assert (fill_holes(mask, []) == mask).all()
+
+
+def test_background_scale_favours_foreground_only_where_the_label_has_it():
+    cams = torch.zeros(2, 2, 1, 3)
+    cams[:, 0] = torch.tensor([1.0, 0.6, 0.0])   # background
+    cams[:, 1] = torch.tensor([0.0, 0.5, 1.0])   # gland, absent from the second tile's label
+    labels = torch.tensor([[1, 1], [1, 0]])
+    assert cams_to_masks(cams, labels)[0, 0].tolist() == [0, 0, 1]
+    weighed = cams_to_masks(cams, labels, background_scale=0.8)
+    assert weighed[0, 0].tolist() == [0, 1, 1]           # 0.6 * 0.8 < 0.5: the close call goes to gland
+    assert (weighed[1] == 0).all()                       # a tile without gland never gets any
+    no_background = cams_to_masks(cams, torch.tensor([[1, 1], [1, 1]]), background_index=None, background_scale=0.1)
+    assert torch.equal(no_background, cams_to_masks(cams, torch.tensor([[1, 1], [1, 1]]), background_index=None))

@@ -38,6 +38,8 @@ def test_overrides_apply_with_types(tmp_path):
     ("data: {mpp: 20x}\n", "data.mpp"),
     ("data: {split_titles: [Test A]}\n", "data.split_titles"),
     ("data: {split_titles: {test: [A]}}\n", "data.split_titles"),
+    ("stage1: {background_cam_scale: 0}\n", "stage1.background_cam_scale"),
+    ("data: {background: null}\nstage1: {background_cam_scale: 0.8}\n", "stage1.background_cam_scale"),
 ])
 def test_bad_settings_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

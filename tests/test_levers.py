@@ -105,6 +105,10 @@ def test_stitched_maps_equal_patch_maps_where_one_patch_covers_a_pixel(tmp_path)
     assert np.allclose(stitched[:, :, 4:8], (votes[0][:, :, 4:] + votes[1][:, :, :4]) / 2)
     mask = stitcher.mask("im", background=0)
     assert np.array_equal(mask[:, :4], votes[0][:, :, :4].argmax(axis=0))
+    weighed = stitcher.mask("im", background=0, background_scale=0.5)   # the background vote halved
+    assert np.array_equal(weighed, np.stack([stitched[0] * 0.5, stitched[1]]).argmax(axis=0))
+    assert (weighed >= mask).all() and (weighed != mask).any()
+    assert np.array_equal(stitcher.mask("im", background=0), mask)     # the stitched votes are left as they were
     image = stitcher.image("im")
     assert (image[:, :4] == 0).all() and (image[:, 4:] == 40).all()
 

@@ -97,6 +97,7 @@ DEFAULTS = {
         "cam_refine_iterations": 0,      # training-free CAM refinement along colour edges (0: off)
         "cam_refine_dilations": [1, 2, 4, 8],
         "cam_refine_colour_scale": 0.3,
+        "background_cam_scale": 1.0,     # background map weight in the pseudo-masks (< 1: foreground favoured)
         "hed_jitter": 0.0,               # stain augmentation: haematoxylin/eosin strength jitter (0: off)
         "color_jitter": 0.0,             # brightness, contrast and saturation jitter (0: off)
     },
@@ -184,7 +185,8 @@ NON_NEGATIVE = ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter",
                 "stage2.lr", "seed", "stage1.weight_decay", "stage2.weight_decay", "demo.train_images")
 POSITIVE = ("stage1.batch_size", "stage2.batch_size", "stage1.image_size", "stage2.crop_size",
             "stage2.window", "prepare.patch_size", "prepare.stride",
-            "stage1.cam_batch_size", "stage2.eval_batch_size", "inference.batch_size", "stage2.crops_per_image")
+            "stage1.cam_batch_size", "stage2.eval_batch_size", "inference.batch_size", "stage2.crops_per_image",
+            "stage1.background_cam_scale")
 
 
 # Keys of earlier versions, with where their setting lives now.
@@ -317,6 +319,9 @@ def _validate(cfg, source):
     if len(cfg["stage1"]["out_indices"]) != 3:
         raise ConfigError(f"{source}: 'stage1.out_indices' needs three stage indices.")
     _validate_encoder_settings(cfg, source)
+    if cfg["stage1"]["background_cam_scale"] != 1 and background is None:
+        raise ConfigError(f"{source}: 'stage1.background_cam_scale' weighs the background class, but "
+                          "'data.background' is null; leave it at 1.")
     for key in ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
                 "stage2.ema_decay", "stage2.scale_jitter"):
         if not 0 <= _get(cfg, key) < 1:

@@ -48,16 +48,19 @@ def normalise_cams(cams, eps=1e-5):
     return cams / peak[:, :, None, None]
 
 
-def cams_to_masks(cams, labels, background_index=0):
+def cams_to_masks(cams, labels, background_index=0, background_scale=1.0):
     """Pseudo-masks (N x H x W uint8) from CAMs and image-level labels (N x C, 0/1).
 
     Rules: classes absent from the label never win; a tile with a single present class is that class
     everywhere; a pixel where no present class activates becomes background when background is in the
     label, otherwise ignore (255) -- never silently a foreground class. background_index None: the data
-    set has no background class, and such pixels are always ignore.
+    set has no background class, and such pixels are always ignore. background_scale weighs the
+    normalised background map before the classes are compared (below 1: foreground favoured).
     """
     labels = labels.to(cams.device, torch.float32)
     scores = normalise_cams(cams.float()) * labels[:, :, None, None]
+    if background_index is not None and background_scale != 1.0:
+        scores[:, background_index] *= background_scale
     best_score, masks = scores.max(dim=1)
     masks = masks.to(torch.uint8)
     unactivated = best_score <= 0

@@ -32,10 +32,21 @@ def read_manifest(folder):
         return None
 
 
-def write_manifest(folder, checkpoint_sha, config_name, classes, files, complete):
+# Stage-1 settings that change a pseudo-mask made from a given checkpoint: masks are reused only when
+# both the checkpoint and these match.
+MASK_SETTINGS = ("image_size", "cam_weights", "cam_scales", "cam_flip", "cam_refine_iterations",
+                 "cam_refine_dilations", "cam_refine_colour_scale", "background_cam_scale", "pseudo_mask_fill_holes")
+
+
+def mask_settings(stage1):
+    """The stage-1 settings a pseudo-mask depends on besides the checkpoint, as recorded in the manifest."""
+    return {key: stage1[key] for key in MASK_SETTINGS}
+
+
+def write_manifest(folder, checkpoint_sha, config_name, classes, files, complete, settings=None):
     write_json(Path(folder) / MANIFEST, {"checkpoint_sha256": checkpoint_sha, "config": config_name,
                                          "classes": list(classes), "files": sorted(files),
-                                         "complete": complete})
+                                         "complete": complete, "settings": settings})
 
 
 def check_pseudo_masks(folder, image_paths, checkpoint_sha=None, accept_foreign=False):

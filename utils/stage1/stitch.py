@@ -88,10 +88,13 @@ class VoteStitcher:
         counts = self.counts[stem]
         return self.votes[stem] / np.maximum(counts, 1.0)[None]
 
-    def mask(self, stem, background):
-        """The whole image's pseudo-mask: the class with the highest mean vote; where no class has a vote,
-        background, or ignore when the data set has none."""
+    def mask(self, stem, background, background_scale=1.0):
+        """The whole image's pseudo-mask: the class with the highest mean vote (the background vote weighed
+        by background_scale, as in cams_to_masks); where no class has a vote, background, or ignore when
+        the data set has none."""
         maps = self.stitched_maps(stem)
+        if background is not None and background_scale != 1.0:
+            maps[background] *= background_scale
         mask = maps.argmax(axis=0).astype(np.uint8)
         mask[maps.max(axis=0) <= 0] = IGNORE_INDEX if background is None else background
         return mask
