@@ -205,6 +205,15 @@ def check_crop_size(crop_size, images, train_on="patches"):
                           f"for most of them, {source}); set stage2.crop_size to at most {min(width, height)}.")
 
 
+def validation_items(cfg):
+    """The val images; optional only when stage 2 keeps its last epoch rather than choosing one on them."""
+    folder = Path(cfg.data.root) / "val" / "img"
+    if cfg.stage2.keep_epoch == "best_val" and not folder.is_dir():
+        raise DataError(f"{folder} does not exist: stage 2 chooses its epoch on validation images; hold some "
+                        "out (prepare.val_count) or set stage2.keep_epoch: last to keep the last epoch.")
+    return split_items(cfg.data.root, "val", required=False)
+
+
 def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     s2 = cfg.stage2
     if s2.batch_size % runtime.world_size:
@@ -290,18 +299,20 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         runtime.broadcast_buffers(kept)
         loss_sum, seen = runtime.all_reduce_sum(
             torch.tensor([loss_sum, seen], dtype=torch.float64, device=runtime.device)).tolist()
-        values = scores(evaluate(kept, val_items, cfg, runtime)[0])
-        improved = values["miou"] > best
-        best = max(best, values["miou"])
-        row = {"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5), "val_miou": round(values["miou"], 5),
-               "val_mdice": round(values["mdice"], 5), "lr": f"{optimizer.param_groups[0]['lr']:.3g}",
-               "seconds": round(time.perf_counter() - started, 1)}
+        values = scores(evaluate(kept, val_items, cfg, runtime)[0]) if val_items else None
+        improved = values is not None and values["miou"] > best
+        best = max(best, values["miou"]) if values else best
+        keep = improved if s2.keep_epoch == "best_val" else epoch + 1 == s2.epochs
+        row = {"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5),
+               "val_miou": round(values["miou"], 5) if values else "",
+               "val_mdice": round(values["mdice"], 5) if values else "",
+               "lr": f"{optimizer.param_groups[0]['lr']:.3g}", "seconds": round(time.perf_counter() - started, 1)}
         if runtime.is_main:
             log.append(row)
-            tqdm.write(f"stage 2 epoch {row['epoch']}: loss {row['loss']}, val mIoU {row['val_miou']}"
-                       + (" (best so far)" if improved else ""))
-            if improved:
-                save_stage2(best_path, kept, cfg, {"epoch": epoch + 1, "val_miou": values["miou"]})
+            tqdm.write(f"stage 2 epoch {row['epoch']}: loss {row['loss']}"
+                       + (f", val mIoU {row['val_miou']}" if values else "") + (" (best so far)" if improved else ""))
+            if keep:
+                save_stage2(best_path, kept, cfg, {"epoch": epoch + 1, "val_miou": values["miou"] if values else None})
                 save_safetensors(out_dir / "best.safetensors", kept.state_dict(), STAGE2_FORMAT,
                                  segmenter_meta(cfg))
             save_stage2(last_path, model, cfg, {"epoch": epoch + 1, "step": step, "best_miou": best,
@@ -322,7 +333,9 @@ def main(argv=None):
     runtime = setup_runtime(cfg)
     out_dir = start_run(cfg, runtime, "stage2")
     num_classes = len(cfg.data.classes)
-    held_out = {"val": split_items(cfg.data.root, "val")}
+    held_out = {"val": validation_items(cfg)}
+    if not held_out["val"]:
+        del held_out["val"]
     tests, missing = test_splits(cfg.data.root, cfg.data.test_splits)
     held_out.update(tests)
     for split, items in held_out.items():
@@ -330,11 +343,15 @@ def main(argv=None):
     if runtime.is_main:
         if normalisation:
             print(normalisation)
+        if cfg.stage2.keep_epoch == "last":
+            print(f"stage2.keep_epoch: last: the model of epoch {cfg.stage2.epochs} is kept"
+                  + ("; val is scored for the log only" if "val" in held_out else
+                     f" (no validation images in {cfg.data.root}/val)"))
         for split in missing:
             print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 
     model = build_segmenter(cfg)
-    best_path = train_segmenter(cfg, model, runtime, out_dir, held_out["val"], args.resume)
+    best_path = train_segmenter(cfg, model, runtime, out_dir, held_out.get("val", []), args.resume)
     best = load_checkpoint(best_path, STAGE2_FORMAT)
     model.load_state_dict(best["model"])
     metrics, postprocessed = {}, {}
@@ -349,7 +366,8 @@ def main(argv=None):
         metrics["postprocessed"] = {"steps": steps, **postprocessed}
     metrics["images"] = {split: [item.stem for item in items] for split, items in held_out.items()}
     metrics["best_epoch"] = best.get("epoch")
-    metrics["selected_by"] = "validation mIoU without post-processing"
+    metrics["selected_by"] = ("validation mIoU without post-processing" if cfg.stage2.keep_epoch == "best_val"
+                              else "the last epoch (stage2.keep_epoch: last)")
     if runtime.is_main:
         first_test = next(iter(tests), None)
         if first_test is not None:

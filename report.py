@@ -76,6 +76,8 @@ def stage_label(stage, data):
     best = data["metrics"].get("best_epoch")
     if best is None:
         return NAMES[stage]
+    if (data["config"] or {}).get("stage2", {}).get("keep_epoch") == "last":
+        return f"{NAMES[stage]} (epoch {best} of {epochs}, the last)"
     return f"{NAMES[stage]} (epoch {best} of {epochs}, chosen on val)"
 
 

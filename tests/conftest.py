@@ -71,3 +71,14 @@ def write_glas_like_raw(folder, train=10, test=3, size=(160, 128), seed=0):
             save_png(folder / f"{prefix}_{index}.png", image)
             save_png(folder / f"{prefix}_{index}_anno.png", (mask * 255).astype(np.uint8))
     return folder
+
+
+def one_line_error(capsys, main, argv):
+    """Run a script's main as its command line does; return the single stderr line it ends with."""
+    from utils.cli import run_main
+    with pytest.raises(SystemExit) as stop:
+        run_main(main, argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]

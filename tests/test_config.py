@@ -55,6 +55,25 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_variant_states_only_what_it_changes_on_top_of_its_base(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("name: recipe\nstage1: {epochs: 7, lr: 0.5}\nstage2: {epochs: 3}\n")
+    (tmp_path / "variant.yaml").write_text("base: recipe.yaml\nstage1: {epochs: 2}\n")
+    cfg = load_config(tmp_path / "variant.yaml", ["stage2.epochs=4"])
+    assert (cfg.stage1.epochs, cfg.stage1.lr, cfg.stage2.epochs) == (2, 0.5, 4)
+    assert cfg.name == "variant"  # its own name, not the base file's
+    assert "base" not in cfg.to_dict()
+    (tmp_path / "typo.yaml").write_text("base: recipes.yaml\n")
+    with pytest.raises(ConfigError, match="typo.yaml.*recipes.yaml does not exist"):
+        load_config(tmp_path / "typo.yaml")
+    (tmp_path / "recipe.yaml").write_text("base: variant.yaml\n")
+    with pytest.raises(ConfigError, match="leads back"):
+        load_config(tmp_path / "variant.yaml")
+    (tmp_path / "recipe.yaml").write_text("stage1: {epochs: 7}\n")
+    (tmp_path / "bad.yaml").write_text("base: recipe.yaml\nstage1: {epoks: 2}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*stage1\.epoks"):
+        load_config(tmp_path / "bad.yaml")
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config("configs/glas.yaml", ["seed=7"])
     save_config(cfg, tmp_path / "run" / "config.yaml")

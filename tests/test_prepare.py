@@ -145,6 +145,9 @@ def test_val_hold_out_by_count_is_seeded(tmp_path):
     assert chosen[0] == chosen[1] and len(chosen[0]) == 2
     train_names = " ".join(_names(tmp_path / "a" / "train" / "img"))
     assert not any(name[:-4] + "_" in train_names for name in chosen[0])
+    every = prepare_dataset(_config(tmp_path / "all", "prepare.val_count=0"), tmp_path / "raw")
+    assert every["val"] == 0 and not (tmp_path / "all" / "val").exists()  # a final model trains on every image
+    assert every["train_images"] == len({name.split("_")[1] for name in _names(tmp_path / "all" / "train" / "img")})
 
 
 def test_missing_mask_size_mismatch_and_bad_folders_are_clear_errors(tmp_path):

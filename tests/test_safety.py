@@ -12,11 +12,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ONE_THREAD, ROOT, load_script, tiny_demo_args
+from conftest import ONE_THREAD, ROOT, load_script, one_line_error, tiny_demo_args
 from models.classifier import Stage1Classifier
 from models.dpr import DPR
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.cli import run_main
 from utils.config import load_config
 from utils.data.imageio import read_rgb
 from utils.runtime import Runtime
@@ -78,16 +77,6 @@ def run_args(tmp_path, demo, *extra):
     _, argv = demo
     return argv + [a for o in (f"runs_dir={tmp_path / 'runs'}", f"data.pseudo_mask_dir={tmp_path / 'pseudo'}",
                                *extra) for a in ("--set", o)]
-
-
-def one_line_error(capsys, main, argv):
-    """Run a script's main as its command line does; return the single stderr line it ends with."""
-    with pytest.raises(SystemExit) as stop:
-        run_main(main, argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 # ------------------------------------------------------------------------------------- safe loading

@@ -14,7 +14,7 @@ from utils.config import load_config
 from utils.data.datasets import Item
 from utils.data.imageio import IGNORE_INDEX, overlay
 from utils.evaluation.metrics import confusion_matrix, scores
-from utils.evaluation.postprocess import fill_holes, fill_holes_with_probabilities
+from utils.evaluation.postprocess import fill_holes_with_probabilities
 from utils.runtime import Runtime
 from utils.stage1.cam import cams_to_masks, claim_unclaimed
 from utils.stage2.losses import IICBLoss, soft_dice_loss
@@ -294,3 +294,32 @@ def test_ablation_rows_share_stage1_score_val_only_and_make_a_table(tmp_path, ca
     printed = capsys.readouterr().out
     assert "stage 2: IICB without eta (soft Dice)" in printed and "stage 1: CAMs with IBM" in printed
     assert "stage 1 1 epochs, stage 2 1 epochs" in printed
+
+
+def test_final_model_without_validation_keeps_its_last_epoch(tmp_path, capsys):
+    """Once settings are chosen, a model may be trained on every image: with no val folder stage 2 keeps its last
+    epoch when told to, says so in the table, and otherwise stops with one sentence naming the setting."""
+    import shutil
+
+    from conftest import one_line_error, tiny_demo_args
+    from utils.checkpoint import STAGE2_FORMAT, load_checkpoint
+    from utils.data.demo_data import ensure_demo_dataset
+    stage1, stage2, report = load_script("1_train_stage1"), load_script("2_train_stage2"), load_script("report")
+    argv = tiny_demo_args(tmp_path, "stage2.epochs=2")
+    ensure_demo_dataset(load_config(argv[1], argv[3::2]))
+    shutil.rmtree(tmp_path / "data" / "val")
+    assert stage1.main(argv) == 0
+    assert "val" not in json.loads((tmp_path / "runs" / "demo" / "stage1" / "metrics.json").read_text())
+    message = one_line_error(capsys, stage2.main, argv)
+    assert "val/img does not exist" in message and "stage2.keep_epoch: last" in message
+    assert stage2.main(argv + ["--set", "stage2.keep_epoch=last"]) == 0
+    out = tmp_path / "runs" / "demo" / "stage2"
+    assert load_checkpoint(out / "best.pth", STAGE2_FORMAT)["epoch"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["images"]) == {"test"} and metrics["best_epoch"] == 2
+    assert metrics["selected_by"].startswith("the last epoch")
+    assert [line.split(",")[2] for line in (out / "log.csv").read_text().splitlines()[1:]] == ["", ""]
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "runs" / "demo")]) == 0
+    table = capsys.readouterr().out
+    assert "(epoch 2 of 2, the last)" in table and "chosen on val" not in table and "val mIoU" not in table

@@ -137,6 +137,8 @@ DEFAULTS = {
         "crops_per_image": 1,            # random crops per training image and epoch
         "tta_flip": False,               # average predictions over horizontal and vertical flips
         "ema_decay": 0.0,                # exponential moving average of the weights (0: off), e.g. 0.999
+        "keep_epoch": "best_val",        # best_val (the epoch of highest val mIoU) | last (no val needed:
+                                         # for a final model trained on every image once settings are chosen)
         "hed_jitter": 0.0,               # stain augmentation, as stage1.hed_jitter
         "color_jitter": 0.0,
         "scale_jitter": 0.0,             # image and mask resized by U(1 - s, 1 + s) before the crop (0: off)
@@ -179,6 +181,7 @@ CHOICES = {
     "prepare.raw_mask_encoding": ("index", "binary255", "instance"),
     "stage2.train_masks": ("pseudo", "ground_truth"),
     "stage2.train_on": ("patches", "whole_images"),
+    "stage2.keep_epoch": ("best_val", "last"),
 }
 NON_NEGATIVE = ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
                 "stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size", "stage1.lr",
@@ -378,6 +381,26 @@ def parse_override(text):
     return update
 
 
+def _config_layers(path, seen=()):
+    """[(source, settings)] of a YAML file, preceded by those of the file its `base:` key names (a path relative
+    to it), so that a variant of a recipe states only what it changes."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]}).") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings.")
+    base = loaded.pop("base", None)
+    if base is None:
+        return [(str(path), loaded)]
+    base_path = path.parent / str(base)
+    if not isinstance(base, str) or not base_path.is_file():
+        raise ConfigError(f"{path}: 'base' must name another config file beside it; {base_path} does not exist.")
+    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
+        raise ConfigError(f"{path}: 'base: {base}' leads back to a file already read; break the loop.")
+    return _config_layers(base_path, seen + (path.resolve(),)) + [(str(path), loaded)]
+
+
 def load_config(path=None, overrides=()):
     """Defaults <- YAML file <- overrides; validated; returns a Config."""
     cfg = copy.deepcopy(DEFAULTS)
@@ -385,15 +408,10 @@ def load_config(path=None, overrides=()):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pick one in configs/.")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]}).") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of settings.")
-        _merge(cfg, loaded, str(path))
-        if "name" not in loaded:
-            cfg["name"] = path.stem
+        layers = _config_layers(path)
+        for source, loaded in layers:
+            _merge(cfg, loaded, source)
+        cfg["name"] = layers[-1][1].get("name", path.stem)  # a base file's name is not inherited
     for text in overrides:
         _merge(cfg, parse_override(text), f"--set {text}")
     _validate(cfg, str(path) if path else "config")
