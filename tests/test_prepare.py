@@ -227,3 +227,47 @@ def test_three_real_glas_images(tmp_path):
     assert _names(tmp_path / "out" / "train" / "img") == sorted(f"{n}{label}.png" for n, label in expected.items())
     val_image = np.asarray(Image.open(tmp_path / "out" / "val" / "img" / "train_3.png"))
     assert np.array_equal(val_image, np.asarray(Image.open(SHARED_GLAS / "train_3.png").convert("RGB")))
+
+
+def test_val_hold_out_by_patient_keeps_every_patient_on_one_side(tmp_path, capsys):
+    from conftest import write_glas_like_raw
+    from utils.data.prepare import find_raw_pairs
+    raw = write_glas_like_raw(tmp_path / "raw", train=10, test=1, size=(40, 40))
+    patient = {1: "a", 2: "a", 3: "a", 4: "b", 5: "b", 6: "c", 7: "d", 8: "d", 9: "d", 10: "d"}
+    (raw / "groups.csv").write_text("name, patient ID, grade\n" + "".join(
+        f"train_{i}, {p}, benign\n" for i, p in patient.items()) + "testA_1, e, benign\n")
+    outcomes = set()
+    for seed in range(8):
+        cfg = _config(tmp_path / "out", "prepare.val_groups=groups.csv", "prepare.val_count=3", f"seed={seed}")
+        train, val, _ = find_raw_pairs(cfg, raw)
+        held = {patient[int(p.stem.split("_")[1])] for p in val}
+        trained = {patient[int(p.stem.split("_")[1])] for p in train}
+        assert val and len(val) <= 3 and not held & trained and len(train) + len(val) == 10
+        assert [p.stem for p in find_raw_pairs(cfg, raw)[1]] == [p.stem for p in val]  # seeded
+        outcomes.add(frozenset(held))
+    assert len(outcomes) > 1
+    assert "whole groups" in capsys.readouterr().out
+    with pytest.raises(DataError, match="no column 'patient'.*name, patient ID, grade"):
+        find_raw_pairs(_config(tmp_path / "out", "prepare.val_groups=groups.csv",
+                               "prepare.val_group_column=patient"), raw)
+    with pytest.raises(DataError, match="missing.csv does not exist"):
+        find_raw_pairs(_config(tmp_path / "out", "prepare.val_groups=missing.csv"), raw)
+    (raw / "groups.csv").write_text("name,patient ID\ntrain_1,a\n")
+    with pytest.raises(DataError, match=r"groups.csv names no group for training image train_\d+ \(nor 8 more\)"):
+        find_raw_pairs(_config(tmp_path / "out", "prepare.val_groups=groups.csv"), raw)
+    (raw / "groups.csv").write_text("name,patient ID\n" + "".join(f"train_{i},x\n" for i in range(1, 11)))
+    with pytest.raises(DataError, match="val_count=3"):
+        find_raw_pairs(_config(tmp_path / "out", "prepare.val_groups=groups.csv", "prepare.val_count=3"), raw)
+
+
+def test_glas_patients_are_never_split_between_train_and_val():
+    import csv
+    if not SHARED_GLAS.is_dir():
+        pytest.skip("../shared/data/glas is not present")
+    from utils.data.prepare import find_raw_pairs
+    with open(SHARED_GLAS / "Grade.csv", newline="") as handle:
+        patient = {row[0]: row[1].strip() for row in list(csv.reader(handle))[1:]}
+    cfg = load_config("configs/glas_cpu.yaml", ["prepare.val_groups=Grade.csv"])
+    train, val, _ = find_raw_pairs(cfg, SHARED_GLAS)
+    assert 0 < len(val) <= 15 and len(train) + len(val) == 85
+    assert not {patient[p.stem] for p in val} & {patient[p.stem] for p in train}

@@ -56,6 +56,10 @@ DEFAULTS = {
         "min_class_fraction": 0.05,
         "val_images": [],                # explicit list of training image stems held out as val
         "val_count": 5,                  # otherwise this many, chosen by seed
+        "val_groups": None,              # a CSV naming each image's patient (first column: image name), e.g.
+                                         # GlaS's Grade.csv; whole patients are then held out (path relative
+                                         # to the raw folder)
+        "val_group_column": "patient ID",  # the CSV column that names the patient
         "raw_mask_encoding": "instance", # for generic mode
         "raw_mask_suffix": "_anno",
     },
@@ -153,6 +157,7 @@ DEFAULTS = {
 }
 
 OPTIONAL_TYPES = {
+    "prepare.val_groups": (str,),
     "data.pseudo_mask_dir": (str,),
     "data.mean": (list,),
     "data.std": (list,),

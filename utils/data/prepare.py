@@ -19,6 +19,7 @@ Two raw layouts:
 Re-running with the same settings rewrites nothing; files left by a run with other settings are an error
 unless `overwrite` is set, in which case they are removed.
 """
+import csv
 import io
 import json
 import os
@@ -112,8 +113,50 @@ def _pairs_in(folder, mask_suffix, prefixes=None):
     return pairs
 
 
-def _hold_out(pairs, cfg, source):
-    """Split training pairs into (train, val) by prepare.val_images, else prepare.val_count by seed."""
+def _read_groups(path, column, stems):
+    """{image stem: group} from a CSV whose first column names the images and `column` their group."""
+    if not path.is_file():
+        raise DataError(f"prepare.val_groups: {path} does not exist; name a CSV in the raw folder, or set "
+                        "prepare.val_groups to null.")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = [row for row in csv.reader(handle) if row]
+    header = [name.strip() for name in rows[0]] if rows else []
+    if column not in header:
+        raise DataError(f"{path}: no column '{column}' (prepare.val_group_column); its columns are "
+                        f"{', '.join(header) or 'none'}.")
+    at = header.index(column)
+    groups = {row[0].strip(): row[at].strip() for row in rows[1:] if len(row) > at}
+    missing = [stem for stem in stems if stem not in groups]
+    if missing:
+        raise DataError(f"{path} names no group for training image {missing[0]}"
+                        f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; every training "
+                        "image needs a row.")
+    return {stem: groups[stem] for stem in stems}
+
+
+def _whole_groups(stems, group_of, count, rng):
+    """Whole groups in seeded random order, each one taken while the total stays within count."""
+    members = {}
+    for stem in stems:
+        members.setdefault(group_of[stem], []).append(stem)
+    order = sorted(members)
+    rng.shuffle(order)
+    chosen, groups = set(), []
+    for group in order:
+        if len(chosen) + len(members[group]) <= count:
+            chosen.update(members[group])
+            groups.append(group)
+    if not chosen:
+        raise DataError(f"every group holds more than prepare.val_count={count} training images; raise "
+                        "prepare.val_count to hold out at least one whole group.")
+    print(f"validation: {len(chosen)} images of {len(groups)} whole groups ({', '.join(groups)}), "
+          f"none of whose images are trained on.")
+    return chosen
+
+
+def _hold_out(pairs, cfg, source, groups_file=None):
+    """Split training pairs into (train, val) by prepare.val_images, else prepare.val_count by seed: single
+    images, or whole groups (patients) when groups_file names them."""
     wanted = list(cfg.prepare.val_images)
     if wanted:
         by_stem = {p.stem: p for p in pairs}
@@ -128,8 +171,13 @@ def _hold_out(pairs, cfg, source):
         if count < cfg.prepare.val_count:
             print(f"note: only {len(pairs)} training images in {source}; holding out {count} for validation "
                   f"instead of prepare.val_count={cfg.prepare.val_count}.")
-        picks = np.random.default_rng(int(cfg.seed)).choice(len(pairs), size=count, replace=False)
-        chosen = {pairs[int(i)].stem for i in picks}
+        rng = np.random.default_rng(int(cfg.seed))
+        if groups_file is not None and count:
+            stems = [p.stem for p in pairs]
+            chosen = _whole_groups(stems, _read_groups(groups_file, cfg.prepare.val_group_column, stems), count,
+                                   rng)
+        else:
+            chosen = {pairs[int(i)].stem for i in rng.choice(len(pairs), size=count, replace=False)}
     return [p for p in pairs if p.stem not in chosen], [p for p in pairs if p.stem in chosen]
 
 
@@ -139,13 +187,14 @@ def find_raw_pairs(cfg, raw_dir):
     if not raw_dir.is_dir():
         raise DataError(f"raw folder {raw_dir} does not exist; pass the folder with the downloaded images "
                         "as --raw.")
+    groups_file = raw_dir / cfg.prepare.val_groups if cfg.prepare.val_groups else None
     if cfg.prepare.mode == "glas":
         train = _pairs_in(raw_dir, GLAS_MASK_SUFFIX, (GLAS_TRAIN_PREFIX,))
         tests = {split: _pairs_in(raw_dir, GLAS_MASK_SUFFIX, (prefix,)) for split, prefix in GLAS_TEST_SPLITS.items()}
         if not train:
             raise DataError(f"raw folder {raw_dir} holds no GlaS training images (train_*.png or .bmp with "
                             "train_*_anno masks).")
-        train, val = _hold_out(train, cfg, raw_dir)
+        train, val = _hold_out(train, cfg, raw_dir, groups_file)
         return train, val, {split: pairs for split, pairs in tests.items() if pairs}
     suffix = cfg.prepare.raw_mask_suffix
     if not suffix:
@@ -160,7 +209,7 @@ def find_raw_pairs(cfg, raw_dir):
     if (raw_dir / "val").is_dir():
         val = _pairs_in(raw_dir / "val", suffix)
     else:
-        train, val = _hold_out(train, cfg, raw_dir / "train")
+        train, val = _hold_out(train, cfg, raw_dir / "train", groups_file)
     tests = {"test": _pairs_in(raw_dir / "test", suffix)} if (raw_dir / "test").is_dir() else {}
     return train, val, {split: pairs for split, pairs in tests.items() if pairs}
 
