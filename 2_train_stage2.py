@@ -6,7 +6,8 @@ the best epoch by validation mIoU, and score it on the test set.
 Writes runs/<name>/stage2/{config.yaml, best.pth, best.safetensors, last.pth, log.csv, metrics.json, run.json,
 predictions/<split>/, overlays/<split>/, test_samples.png}. Every figure is computed without post-processing,
 and again with the YAML's `postprocess` steps when there are any; the best epoch is chosen on the
-validation mIoU without post-processing.
+validation mIoU without post-processing. A final model trained on every image (`stage2.keep_epoch: last`)
+keeps its last epoch instead and needs no validation images; best.pth is then that epoch.
 """
 import sys
 import time
