@@ -302,7 +302,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             torch.tensor([loss_sum, seen], dtype=torch.float64, device=runtime.device)).tolist()
         values = scores(evaluate(kept, val_items, cfg, runtime)[0]) if val_items else None
         improved = values is not None and values["miou"] > best
-        best = max(best, values["miou"]) if values else best
+        if improved:
+            best = values["miou"]
         keep = improved if s2.keep_epoch == "best_val" else epoch + 1 == s2.epochs
         row = {"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5),
                "val_miou": round(values["miou"], 5) if values else "",
@@ -334,9 +335,8 @@ def main(argv=None):
     runtime = setup_runtime(cfg)
     out_dir = start_run(cfg, runtime, "stage2")
     num_classes = len(cfg.data.classes)
-    held_out = {"val": validation_items(cfg)}
-    if not held_out["val"]:
-        del held_out["val"]
+    val_items = validation_items(cfg)
+    held_out = {"val": val_items} if val_items else {}
     tests, missing = test_splits(cfg.data.root, cfg.data.test_splits)
     held_out.update(tests)
     for split, items in held_out.items():
@@ -352,7 +352,7 @@ def main(argv=None):
             print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 
     model = build_segmenter(cfg)
-    best_path = train_segmenter(cfg, model, runtime, out_dir, held_out.get("val", []), args.resume)
+    best_path = train_segmenter(cfg, model, runtime, out_dir, val_items, args.resume)
     best = load_checkpoint(best_path, STAGE2_FORMAT)
     model.load_state_dict(best["model"])
     metrics, postprocessed = {}, {}
