@@ -147,11 +147,27 @@ def extra_lines(run):
         train = stage1["metrics"]["train"]
         lines.append(f"Pseudo-masks on the training tiles (pixels they leave unlabelled not scored): mIoU "
                      f"{percent(train['miou'])}, Dice {percent(train['mdice'])}.")
+    curve = val_curve((run["stages"].get("stage2") or {}).get("log") or [])
+    if curve:
+        lines.append(curve)
     counts = [f"{split} {len(names)}" for split, names in
               next(iter(run["stages"].values()))["metrics"].get("images", {}).items()]
     if counts:
         lines.append("Whole images scored: " + ", ".join(counts) + ".")
     return lines
+
+
+def val_curve(log, tail=5):
+    """How steady stage 2's val mIoU was over the epochs, from its log: the best epoch, and the range and mean
+    of the last `tail` epochs (what a noisier or steadier choice of epoch would have given)."""
+    values = [float(row["val_miou"]) for row in log if row.get("val_miou")]
+    if not values:
+        return None
+    best = max(range(len(values)), key=values.__getitem__)
+    last = values[-tail:]
+    return (f"Stage-2 val mIoU over its {len(values)} epochs: best {percent(values[best])} (epoch {best + 1}); "
+            f"last {len(last)} epochs {percent(min(last))}–{percent(max(last))} "
+            f"(mean {percent(sum(last) / len(last))}).")
 
 
 def render_run(run, command):

@@ -323,3 +323,11 @@ def test_final_model_without_validation_keeps_its_last_epoch(tmp_path, capsys):
     assert report.main([str(tmp_path / "runs" / "demo")]) == 0
     table = capsys.readouterr().out
     assert "(epoch 2 of 2, the last)" in table and "chosen on val" not in table and "val mIoU" not in table
+
+
+def test_report_states_how_steady_the_val_curve_was():
+    report = load_script("report")
+    log = [{"epoch": str(e), "val_miou": str(v)} for e, v in enumerate([0.5, 0.8, 0.6, 0.7, 0.65, 0.75, 0.7], 1)]
+    line = report.val_curve(log)
+    assert "best 80.0 (epoch 2)" in line and "last 5 epochs 60.0–75.0 (mean 68.0)" in line
+    assert report.val_curve([{"epoch": "1", "val_miou": ""}]) is None  # a run that kept its last epoch, no val
