@@ -33,7 +33,7 @@ from utils.files import BackgroundWriter, write_json
 from utils.provenance import RUN_RECORD, StepTimer
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
 from utils.stage1.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
-from utils.stage1.stitch import whole_image_dir
+from utils.stage1.stitch import whole_image_dir, write_whole_ground_truth
 from utils.stage2.losses import IICBLoss
 from utils.stage2.predict import FlipAveraged, predict_mask, segmenter_meta
 from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
@@ -43,9 +43,19 @@ from utils.visualize import contact_sheet
 
 
 def training_pairs(cfg):
-    """(images, masks, mask encoding): pseudo-masks by default, ground truth for few-shot adaptation."""
+    """(images, masks, mask encoding): pseudo-masks by default; ground truth for few-shot adaptation, or as the
+    fully supervised ceiling the pseudo-masks are measured against."""
     s2, num_classes = cfg.stage2, len(cfg.data.classes)
     items = train_items(cfg.data.root, num_classes)
+    if s2.train_masks == "ground_truth" and s2.train_on == "whole_images":
+        folder = Path(cfg.data.root) / "train" / "whole_ground_truth"
+        images, masks = write_whole_ground_truth(items, folder, cfg.data.mask_encoding, num_classes, cfg.data.palette)
+        if not images:
+            raise DataError(f"{cfg.data.root}/train/mask lacks masks for some patches of every training image; "
+                            "stage2.train_masks=ground_truth with stage2.train_on=whole_images needs them all.")
+        if s2.max_train_images is not None:
+            images, masks = images[:s2.max_train_images], masks[:s2.max_train_images]
+        return images, masks, "index"
     if s2.train_masks == "ground_truth":
         items = [item for item in items if item.mask is not None]
         if not items:

@@ -1,6 +1,6 @@
 """The optional levers of a from-scratch recipe do what they claim, mechanically: stain jitter moves colours
 and nothing else, scale jitter and rotations move image and mask together, CAM refinement never brings in a class the label lacks, stitched whole-image maps equal
-the patch maps where one patch covers a pixel, and the averaged model and flip averaging are what they say."""
+the patch maps where one patch covers a pixel, true masks of whole images are rebuilt from the patches, and the averaged model and flip averaging are what they say."""
 import numpy as np
 import torch
 import torch.nn as nn
@@ -111,6 +111,36 @@ def test_stitched_maps_equal_patch_maps_where_one_patch_covers_a_pixel(tmp_path)
     assert np.array_equal(stitcher.mask("im", background=0), mask)     # the stitched votes are left as they were
     image = stitcher.image("im")
     assert (image[:, :4] == 0).all() and (image[:, 4:] == 40).all()
+
+
+def test_stage2_on_true_masks_of_whole_images_puts_them_back_together_from_the_patches(tmp_path):
+    """stage2.train_masks=ground_truth with train_on=whole_images: each image and its true mask rebuilt from
+    overlapping patches as prepare cuts them; an image with a patch lacking its mask is left out."""
+    import importlib
+
+    import pytest
+
+    from utils.config import load_config
+    from utils.data.imageio import DataError, read_mask, read_rgb
+    stage2 = importlib.import_module("2_train_stage2")
+    rng = np.random.default_rng(0)
+    whole = {stem: (rng.integers(0, 256, (12, 20, 3), dtype=np.uint8), rng.integers(0, 2, (12, 20), dtype=np.uint8))
+             for stem in ("a", "b")}
+    for stem, (image, mask) in whole.items():
+        for y in (0, 4):
+            for x in (0, 6, 12):
+                save_png(tmp_path / "train" / "img" / f"{stem}_{y}_{x}[1, 1].png", image[y:y + 8, x:x + 8])
+                if stem == "a" or (y, x) != (4, 12):   # b lacks one patch's mask
+                    save_png(tmp_path / "train" / "mask" / f"{stem}_{y}_{x}.png", mask[y:y + 8, x:x + 8])
+    cfg = load_config("configs/demo.yaml", [f"data.root={tmp_path}", "stage2.train_masks=ground_truth",
+                                            "stage2.train_on=whole_images"])
+    images, masks, encoding = stage2.training_pairs(cfg)
+    assert [p.stem for p in images] == ["a"] and encoding == "index"
+    assert np.array_equal(read_rgb(images[0]), whole["a"][0])
+    assert np.array_equal(read_mask(masks[0], "index", 2), whole["a"][1])
+    (tmp_path / "train" / "mask" / "a_0_0.png").unlink()
+    with pytest.raises(DataError, match="lacks masks for some patches of every training image"):
+        stage2.training_pairs(cfg)
 
 
 def test_single_class_patches_vote_for_their_class_everywhere():

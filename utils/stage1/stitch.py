@@ -13,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from utils.data.imageio import IGNORE_INDEX, DataError, image_size, read_rgb
+from utils.data.imageio import (IGNORE_INDEX, DataError, image_size, read_mask, read_rgb, write_palette_png,
+                              write_rgb)
+from utils.files import BackgroundWriter
 
 PATCH_NAME = re.compile(r"^(?P<image>.+)_(?P<y>\d+)_(?P<x>\d+)$")
 
@@ -108,6 +111,18 @@ class VoteStitcher:
             image[y:y + patch.shape[0], x:x + patch.shape[1]] = patch
         return image
 
+    def ground_truth(self, stem, encoding, num_classes):
+        """The whole image's true mask, put together from its patches' masks (ignore where none covers a
+        pixel); None when a patch has no mask."""
+        height, width = self.sizes[stem]
+        mask = np.full((height, width), IGNORE_INDEX, np.uint8)
+        for item, y, x in self.patches[stem]:
+            if item.mask is None:
+                return None
+            patch = read_mask(item.mask, encoding, num_classes)
+            mask[y:y + patch.shape[0], x:x + patch.shape[1]] = patch
+        return mask
+
     def stems(self):
         return sorted(self.patches)
 
@@ -115,3 +130,22 @@ class VoteStitcher:
 def whole_image_dir(pseudo_mask_folder):
     """Where stitched images and their pseudo-masks live: `<pseudo-mask folder>/whole/{img,mask}`."""
     return Path(pseudo_mask_folder) / "whole"
+
+
+def write_whole_ground_truth(items, folder, encoding, num_classes, palette):
+    """The training images and their true masks put back together from the patches (`folder`/img and
+    `folder`/mask), for stage 2 trained on true masks of whole images: the ceiling its pseudo-masks are
+    measured against. Images with a patch that has no mask are left out. Returns (images, masks)."""
+    folder = Path(folder)
+    stitcher = VoteStitcher(items, num_classes)
+    images, masks = [], []
+    with BackgroundWriter() as writer:
+        for stem in tqdm(stitcher.stems(), desc="whole images with true masks", leave=False):
+            mask = stitcher.ground_truth(stem, encoding, num_classes)
+            if mask is None:
+                continue
+            images.append(folder / "img" / f"{stem}.png")
+            masks.append(folder / "mask" / f"{stem}.png")
+            writer.submit(write_rgb, images[-1], stitcher.image(stem))
+            writer.submit(write_palette_png, masks[-1], mask, palette)
+    return images, masks
