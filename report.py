@@ -69,16 +69,22 @@ def held_out_splits(run):
     return [split for split in order if split in found] + sorted(found - set(order))
 
 
+def stage_name(stage, data):
+    """The model's name, saying when stage 2 learnt from the true masks rather than the pseudo-masks."""
+    if stage == "stage2" and (data["config"] or {}).get("stage2", {}).get("train_masks") == "ground_truth":
+        return f"{NAMES[stage]} on true masks"
+    return NAMES[stage]
+
+
 def stage_label(stage, data):
-    if stage != "stage2":
-        return NAMES[stage]
+    name = stage_name(stage, data)
     epochs = (data["config"] or {}).get("stage2", {}).get("epochs")
     best = data["metrics"].get("best_epoch")
-    if best is None:
-        return NAMES[stage]
+    if stage != "stage2" or best is None:
+        return name
     if (data["config"] or {}).get("stage2", {}).get("keep_epoch") == "last":
-        return f"{NAMES[stage]} (epoch {best} of {epochs}, the last)"
-    return f"{NAMES[stage]} (epoch {best} of {epochs}, chosen on val)"
+        return f"{name} (epoch {best} of {epochs}, the last)"
+    return f"{name} (epoch {best} of {epochs}, chosen on val)"
 
 
 def results_rows(run):
@@ -94,7 +100,7 @@ def results_rows(run):
         if metrics.get("postprocessed"):
             variants.append((metrics["postprocessed"].get("steps") or "yes", metrics["postprocessed"]))
         for name, values in variants:
-            row = [stage_label(stage, data) if name == "none" else NAMES[stage], name]
+            row = [stage_label(stage, data) if name == "none" else stage_name(stage, data), name]
             for split in splits:
                 scored = values.get(split)
                 row += [percent(scored["miou"]), percent(scored["mdice"])] if scored else ["–", "–"]

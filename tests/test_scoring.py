@@ -331,3 +331,13 @@ def test_report_states_how_steady_the_val_curve_was():
     line = report.val_curve(log)
     assert "best 80.0 (epoch 2)" in line and "last 5 epochs 60.0–75.0 (mean 68.0)" in line
     assert report.val_curve([{"epoch": "1", "val_miou": ""}]) is None  # a run that kept its last epoch, no val
+
+
+def test_report_names_a_stage2_trained_on_true_masks():
+    report = load_script("report")
+    data = {"config": {"stage2": {"epochs": 12, "keep_epoch": "last", "train_masks": "ground_truth"}},
+            "metrics": {"best_epoch": 12}}
+    assert report.stage_label("stage2", data) == "stage 2: DPR on true masks (epoch 12 of 12, the last)"
+    data["config"]["stage2"]["train_masks"] = "pseudo"
+    assert report.stage_label("stage2", data) == "stage 2: DPR (epoch 12 of 12, the last)"
+    assert report.stage_label("stage1", data) == "stage 1: CAM pseudo-masks"
