@@ -330,7 +330,13 @@ def write_whole_images(cfg, stitcher, runtime, checkpoint_sha):
     names = []
     with BackgroundWriter() as writer:
         for stem in tqdm(stitcher.stems(), desc="whole images", leave=False):
-            mask = fill_holes(stitcher.mask(stem, background, cfg.stage1.background_cam_scale), fill)
+            mask = stitcher.mask(stem, background, cfg.stage1.background_cam_scale)
+            filled = fill_holes(mask, fill)
+            if cfg.stage1.pseudo_mask_ignore_margin > 0:  # pixels filled as a gland's lumen stay labelled
+                unsure = stitcher.uncertain(stem, cfg.stage1.pseudo_mask_ignore_margin, background,
+                                            cfg.stage1.background_cam_scale)
+                filled[unsure & (filled == mask)] = IGNORE_INDEX
+            mask = filled
             writer.submit(write_rgb, folder / "img" / f"{stem}.png", stitcher.image(stem))
             writer.submit(write_palette_png, folder / "mask" / f"{stem}.png", mask, cfg.data.palette)
             names.append(f"{stem}.png")

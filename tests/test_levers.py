@@ -143,6 +143,17 @@ def test_stage2_on_true_masks_of_whole_images_puts_them_back_together_from_the_p
         stage2.training_pairs(cfg)
 
 
+def test_ignore_margin_marks_only_pixels_whose_top_two_votes_are_close(tmp_path):
+    path = save_png(tmp_path / "im_0_0[1, 1].png", np.zeros((2, 3, 3), np.uint8))
+    stitcher = VoteStitcher([Item(path, "im_0_0", np.array([1.0, 1.0]))], 2)
+    stitcher.add(stitcher.patches["im"][0][0], np.array([[[0.9, 0.5, 0.2], [0.6, 0.0, 0.3]],
+                                                        [[0.1, 0.45, 0.9], [0.55, 0.0, 0.5]]], np.float32))
+    assert stitcher.uncertain("im", 0.1, background=0).tolist() == [[False, True, False], [True, True, False]]
+    # the background vote halved: 0.25 against 0.45 and 0.3 against 0.55 are no longer close
+    assert stitcher.uncertain("im", 0.1, background=0, background_scale=0.5).tolist() == [
+        [False, False, False], [False, True, False]]
+
+
 def test_single_class_patches_vote_for_their_class_everywhere():
     maps = torch.zeros(2, 2, 4, 4)
     votes = patch_votes(maps, torch.tensor([[0.0, 1.0], [1.0, 1.0]]))

@@ -102,6 +102,8 @@ DEFAULTS = {
         "cam_refine_dilations": [1, 2, 4, 8],
         "cam_refine_colour_scale": 0.3,
         "background_cam_scale": 1.0,     # background map weight in the pseudo-masks (< 1: foreground favoured)
+        "pseudo_mask_ignore_margin": 0.0,  # stitched whole images: pixels whose two highest class votes differ
+                                         # by less than this are left unlabelled for stage 2 (0: off)
         "hed_jitter": 0.0,               # stain augmentation: haematoxylin/eosin strength jitter (0: off)
         "color_jitter": 0.0,             # brightness, contrast and saturation jitter (0: off)
     },
@@ -331,7 +333,7 @@ def _validate(cfg, source):
         raise ConfigError(f"{source}: 'stage1.background_cam_scale' weighs the background class, but "
                           "'data.background' is null; leave it at 1.")
     for key in ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
-                "stage2.ema_decay", "stage2.scale_jitter"):
+                "stage2.ema_decay", "stage2.scale_jitter", "stage1.pseudo_mask_ignore_margin"):
         if not 0 <= _get(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")
     for key in ("stage2.overlap", "inference.overlap"):

@@ -35,7 +35,8 @@ def read_manifest(folder):
 # Stage-1 settings that change a pseudo-mask made from a given checkpoint: masks are reused only when
 # both the checkpoint and these match.
 MASK_SETTINGS = ("image_size", "cam_weights", "cam_scales", "cam_flip", "cam_refine_iterations",
-                 "cam_refine_dilations", "cam_refine_colour_scale", "background_cam_scale", "pseudo_mask_fill_holes")
+                 "cam_refine_dilations", "cam_refine_colour_scale", "background_cam_scale", "pseudo_mask_fill_holes",
+                 "pseudo_mask_ignore_margin")
 
 
 def mask_settings(stage1):

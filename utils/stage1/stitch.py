@@ -102,6 +102,15 @@ class VoteStitcher:
         mask[maps.max(axis=0) <= 0] = IGNORE_INDEX if background is None else background
         return mask
 
+    def uncertain(self, stem, margin, background, background_scale=1.0):
+        """Where the two highest mean votes (the background vote weighed as in `mask`) differ by less than
+        `margin`: the pixels a pseudo-mask is least sure of."""
+        maps = self.stitched_maps(stem)
+        if background is not None and background_scale != 1.0:
+            maps[background] *= background_scale
+        top_two = np.sort(maps, axis=0)[-2:] if len(maps) > 1 else np.concatenate([np.zeros_like(maps), maps])
+        return (top_two[1] - top_two[0]) < margin
+
     def image(self, stem):
         """The whole image, put together from its patches' pixels."""
         height, width = self.sizes[stem]
