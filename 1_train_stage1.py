@@ -327,7 +327,7 @@ def write_whole_images(cfg, stitcher, runtime, checkpoint_sha):
     write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, [], complete=False, settings=settings)
     background = background_index(classes, cfg.data.background)
     fill = class_indices(classes, cfg.stage1.pseudo_mask_fill_holes)
-    names = []
+    names, unlabelled, pixels = [], 0, 0
     with BackgroundWriter() as writer:
         for stem in tqdm(stitcher.stems(), desc="whole images", leave=False):
             mask = stitcher.mask(stem, background, cfg.stage1.background_cam_scale)
@@ -337,11 +337,13 @@ def write_whole_images(cfg, stitcher, runtime, checkpoint_sha):
                                             cfg.stage1.background_cam_scale)
                 filled[unsure & (filled == mask)] = IGNORE_INDEX
             mask = filled
+            unlabelled, pixels = unlabelled + int((mask == IGNORE_INDEX).sum()), pixels + mask.size
             writer.submit(write_rgb, folder / "img" / f"{stem}.png", stitcher.image(stem))
             writer.submit(write_palette_png, folder / "mask" / f"{stem}.png", mask, cfg.data.palette)
             names.append(f"{stem}.png")
     write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, names, complete=True, settings=settings)
-    print(f"{len(names)} whole training images and their stitched pseudo-masks written to {folder}")
+    print(f"{len(names)} whole training images and their stitched pseudo-masks written to {folder}"
+          f" ({100 * unlabelled / max(pixels, 1):.1f}% of their pixels left unlabelled)")
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The optional levers of a from-scratch recipe do what they claim, mechanically: stain jitter moves colours
 and nothing else, scale jitter and rotations move image and mask together, CAM refinement never brings in a class the label lacks, stitched whole-image maps equal
-the patch maps where one patch covers a pixel, true masks of whole images are rebuilt from the patches, and the averaged model and flip averaging are what they say."""
+the patch maps where one patch covers a pixel, true masks of whole images are rebuilt from the patches, unsure pseudo-mask pixels are left unlabelled, and the averaged model and flip averaging are what they say."""
 import numpy as np
 import torch
 import torch.nn as nn
@@ -152,6 +152,39 @@ def test_ignore_margin_marks_only_pixels_whose_top_two_votes_are_close(tmp_path)
     # the background vote halved: 0.25 against 0.45 and 0.3 against 0.55 are no longer close
     assert stitcher.uncertain("im", 0.1, background=0, background_scale=0.5).tolist() == [
         [False, False, False], [False, True, False]]
+
+
+def test_whole_image_pseudo_masks_leave_unsure_pixels_unlabelled_but_keep_filled_lumens(tmp_path, capsys):
+    """A gland ring around a lumen, stitched from two patches: filling makes the lumen gland; with a margin,
+    pixels whose two votes are close become ignore, except the filled lumen; the log says how many."""
+    import importlib
+
+    from utils.config import load_config
+    from utils.data.imageio import read_mask
+    from utils.runtime import Runtime
+    stage1 = importlib.import_module("1_train_stage1")
+    items = []
+    for x in (0, 4):
+        path = save_png(tmp_path / "train" / "img" / f"im_0_{x}[1, 1].png", np.full((8, 8, 3), 200, np.uint8))
+        items.append(Item(path, f"im_0_{x}", np.array([1.0, 1.0])))
+    gland = np.zeros((8, 12), np.float32)
+    gland[1:7, 2:10] = 0.9
+    gland[3:5, 4:8] = 0.45                                  # the lumen: background wins it (0.55), filling gives it back
+    gland[1, 2:10] = 0.55                                   # an unsure row: 0.55 against 0.45
+    background = 1.0 - gland
+    cpu = Runtime(torch.device("cpu"), None)
+    for margin, unlabelled in ((0.0, "0.0%"), (0.2, f"{100 * 8 / 96:.1f}%")):
+        cfg = load_config("configs/demo.yaml", [f"data.root={tmp_path}", "stage1.stitch_whole_images=true",
+                                                "stage1.pseudo_mask_fill_holes=[gland]",
+                                                f"stage1.pseudo_mask_ignore_margin={margin}"])
+        stitcher = VoteStitcher(items, 2)
+        for item, x in zip(items, (0, 4)):
+            stitcher.add(item, np.stack([background, gland])[:, :, x:x + 8])
+        stage1.write_whole_images(cfg, stitcher, cpu, "sha")
+        mask = read_mask(tmp_path / "train" / "pseudo_mask" / "whole" / "mask" / "im.png", "index", 2)
+        assert (mask[3:5, 4:8] == 1).all() and (mask[2, 2:10] == 1).all() and (mask[7] == 0).all()
+        assert (mask[1, 2:10] == (IGNORE_INDEX if margin else 1)).all()
+        assert f"({unlabelled} of their pixels left unlabelled)" in capsys.readouterr().out
 
 
 def test_single_class_patches_vote_for_their_class_everywhere():
