@@ -47,24 +47,23 @@ def training_pairs(cfg):
     fully supervised ceiling the pseudo-masks are measured against."""
     s2, num_classes = cfg.stage2, len(cfg.data.classes)
     items = train_items(cfg.data.root, num_classes)
-    if s2.train_masks == "ground_truth" and s2.train_on == "whole_images":
-        folder = Path(cfg.data.root) / "train" / "whole_ground_truth"
-        images, masks = write_whole_ground_truth(items, folder, cfg.data.mask_encoding, num_classes, cfg.data.palette)
-        if not images:
-            raise DataError(f"{cfg.data.root}/train/mask lacks masks for some patches of every training image; "
-                            "stage2.train_masks=ground_truth with stage2.train_on=whole_images needs them all.")
-        if s2.max_train_images is not None:
-            images, masks = images[:s2.max_train_images], masks[:s2.max_train_images]
-        return images, masks, "index"
     if s2.train_masks == "ground_truth":
-        items = [item for item in items if item.mask is not None]
-        if not items:
-            raise DataError(f"{cfg.data.root}/train/mask holds no masks for the training images; "
-                            "stage2.train_masks=ground_truth needs them.")
+        if s2.train_on == "whole_images":
+            folder = Path(cfg.data.root) / "train" / "whole_ground_truth"
+            pairs = write_whole_ground_truth(items, folder, cfg.data.mask_encoding, num_classes, cfg.data.palette)
+            encoding, missing = "index", (f"{cfg.data.root}/train/mask lacks masks for some patches of every "
+                                          "training image; stage2.train_masks=ground_truth with "
+                                          "stage2.train_on=whole_images needs them all.")
+        else:
+            pairs = [(item.image, item.mask) for item in items if item.mask is not None]
+            encoding, missing = cfg.data.mask_encoding, (f"{cfg.data.root}/train/mask holds no masks for the "
+                                                         "training images; stage2.train_masks=ground_truth needs them.")
+        if not pairs:
+            raise DataError(missing)
         if s2.max_train_images is not None:
-            order = np.random.default_rng(cfg.seed).permutation(len(items))[:s2.max_train_images]
-            items = [items[i] for i in sorted(order)]
-        return [i.image for i in items], [i.mask for i in items], cfg.data.mask_encoding
+            order = np.random.default_rng(cfg.seed).permutation(len(pairs))[:s2.max_train_images]
+            pairs = [pairs[i] for i in sorted(order)]
+        return [image for image, _ in pairs], [mask for _, mask in pairs], encoding
     folder = pseudo_mask_dir(cfg)
     stage1_checkpoint = run_dir(cfg, "stage1") / "checkpoint.pth"
     expected_sha = file_sha256(stage1_checkpoint) if stage1_checkpoint.is_file() else None

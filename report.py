@@ -70,8 +70,10 @@ def held_out_splits(run):
 
 
 def stage_name(stage, data):
-    """The model's name, saying when stage 2 learnt from the true masks rather than the pseudo-masks."""
-    if stage == "stage2" and (data["config"] or {}).get("stage2", {}).get("train_masks") == "ground_truth":
+    """The model's name, saying when stage 2 learnt from the true masks rather than the pseudo-masks (a run of
+    0 epochs, which only scores a given model, learnt from neither)."""
+    settings = (data["config"] or {}).get("stage2", {})
+    if stage == "stage2" and settings.get("train_masks") == "ground_truth" and settings.get("epochs"):
         return f"{NAMES[stage]} on true masks"
     return NAMES[stage]
 

@@ -113,7 +113,7 @@ def test_stitched_maps_equal_patch_maps_where_one_patch_covers_a_pixel(tmp_path)
     assert (image[:, :4] == 0).all() and (image[:, 4:] == 40).all()
 
 
-def test_stage2_on_true_masks_of_whole_images_puts_them_back_together_from_the_patches(tmp_path):
+def test_stage2_on_true_masks_of_whole_images_puts_them_back_together_from_the_patches(tmp_path, capsys):
     """stage2.train_masks=ground_truth with train_on=whole_images: each image and its true mask rebuilt from
     overlapping patches as prepare cuts them; an image with a patch lacking its mask is left out."""
     import importlib
@@ -136,6 +136,9 @@ def test_stage2_on_true_masks_of_whole_images_puts_them_back_together_from_the_p
                                             "stage2.train_on=whole_images"])
     images, masks, encoding = stage2.training_pairs(cfg)
     assert [p.stem for p in images] == ["a"] and encoding == "index"
+    printed = capsys.readouterr().out
+    assert "1 whole training images and their true masks" in printed
+    assert "(1 left out: a patch without its mask)" in printed
     assert np.array_equal(read_rgb(images[0]), whole["a"][0])
     assert np.array_equal(read_mask(masks[0], "index", 2), whole["a"][1])
     (tmp_path / "train" / "mask" / "a_0_0.png").unlink()

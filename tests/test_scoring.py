@@ -338,6 +338,9 @@ def test_report_names_a_stage2_trained_on_true_masks():
     data = {"config": {"stage2": {"epochs": 12, "keep_epoch": "last", "train_masks": "ground_truth"}},
             "metrics": {"best_epoch": 12}}
     assert report.stage_label("stage2", data) == "stage 2: DPR on true masks (epoch 12 of 12, the last)"
+    data["config"]["stage2"]["epochs"] = 0    # scoring a given model only: it learnt from no masks here
+    assert report.stage_name("stage2", data) == "stage 2: DPR"
+    data["config"]["stage2"]["epochs"] = 12
     data["config"]["stage2"]["train_masks"] = "pseudo"
     assert report.stage_label("stage2", data) == "stage 2: DPR (epoch 12 of 12, the last)"
     assert report.stage_label("stage1", data) == "stage 1: CAM pseudo-masks"

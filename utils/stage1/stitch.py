@@ -104,7 +104,7 @@ class VoteStitcher:
 
     def uncertain(self, stem, margin, background, background_scale=1.0):
         """Where the two highest mean votes (the background vote weighed as in `mask`) differ by less than
-        `margin`: the pixels a pseudo-mask is least sure of."""
+        `margin`: the pixels a pseudo-mask is least sure of, those without any vote included."""
         maps = self.stitched_maps(stem)
         if background is not None and background_scale != 1.0:
             maps[background] *= background_scale
@@ -144,17 +144,19 @@ def whole_image_dir(pseudo_mask_folder):
 def write_whole_ground_truth(items, folder, encoding, num_classes, palette):
     """The training images and their true masks put back together from the patches (`folder`/img and
     `folder`/mask), for stage 2 trained on true masks of whole images: the ceiling its pseudo-masks are
-    measured against. Images with a patch that has no mask are left out. Returns (images, masks)."""
+    measured against. Images with a patch that has no mask are left out. Returns [(image, mask)] paths."""
     folder = Path(folder)
     stitcher = VoteStitcher(items, num_classes)
-    images, masks = [], []
+    pairs = []
     with BackgroundWriter() as writer:
         for stem in tqdm(stitcher.stems(), desc="whole images with true masks", leave=False):
             mask = stitcher.ground_truth(stem, encoding, num_classes)
             if mask is None:
                 continue
-            images.append(folder / "img" / f"{stem}.png")
-            masks.append(folder / "mask" / f"{stem}.png")
-            writer.submit(write_rgb, images[-1], stitcher.image(stem))
-            writer.submit(write_palette_png, masks[-1], mask, palette)
-    return images, masks
+            pairs.append((folder / "img" / f"{stem}.png", folder / "mask" / f"{stem}.png"))
+            writer.submit(write_rgb, pairs[-1][0], stitcher.image(stem))
+            writer.submit(write_palette_png, pairs[-1][1], mask, palette)
+    left_out = len(stitcher.stems()) - len(pairs)
+    print(f"{len(pairs)} whole training images and their true masks rebuilt from the patches in {folder}"
+          + (f" ({left_out} left out: a patch without its mask)" if left_out else ""))
+    return pairs
