@@ -91,25 +91,26 @@ class VoteStitcher:
         counts = self.counts[stem]
         return self.votes[stem] / np.maximum(counts, 1.0)[None]
 
-    def mask(self, stem, background, background_scale=1.0):
-        """The whole image's pseudo-mask: the class with the highest mean vote (the background vote weighed
-        by background_scale, as in cams_to_masks); where no class has a vote, background, or ignore when
-        the data set has none."""
+    def weighed_maps(self, stem, background, background_scale=1.0):
+        """stitched_maps with the background vote weighed by background_scale, as in cams_to_masks."""
         maps = self.stitched_maps(stem)
         if background is not None and background_scale != 1.0:
             maps[background] *= background_scale
+        return maps
+
+    def mask(self, stem, background, background_scale=1.0):
+        """The whole image's pseudo-mask: the class with the highest weighed mean vote; where no class has a
+        vote, background, or ignore when the data set has none."""
+        maps = self.weighed_maps(stem, background, background_scale)
         mask = maps.argmax(axis=0).astype(np.uint8)
         mask[maps.max(axis=0) <= 0] = IGNORE_INDEX if background is None else background
         return mask
 
     def uncertain(self, stem, margin, background, background_scale=1.0):
-        """Where the two highest mean votes (the background vote weighed as in `mask`) differ by less than
-        `margin`: the pixels a pseudo-mask is least sure of, those without any vote included."""
-        maps = self.stitched_maps(stem)
-        if background is not None and background_scale != 1.0:
-            maps[background] *= background_scale
-        top_two = np.sort(maps, axis=0)[-2:] if len(maps) > 1 else np.concatenate([np.zeros_like(maps), maps])
-        return (top_two[1] - top_two[0]) < margin
+        """Where the two highest weighed mean votes differ by less than `margin`: the pixels a pseudo-mask is
+        least sure of, those without any vote included (data sets have at least two classes)."""
+        second, first = np.sort(self.weighed_maps(stem, background, background_scale), axis=0)[-2:]
+        return (first - second) < margin
 
     def image(self, stem):
         """The whole image, put together from its patches' pixels."""
