@@ -8,7 +8,6 @@ one pseudo-mask per training image into data.pseudo_mask_dir.
 """
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from utils.cli import run_main
 from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir
 from utils.cuda_graphs import TrainStep
 from utils.data.datasets import (ClassificationSet, check_split_masks, load_pair, split_items, test_splits, train_items,
-                                 training_loader)
+                                 training_loader, training_tile_size)
 from utils.data.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png, write_rgb
 from utils.data.transforms import to_tensor
 from utils.evaluation.metrics import confusion_matrix, scores
@@ -30,25 +29,28 @@ from utils.evaluation.postprocess import class_indices, describe, fill_holes
 from utils.files import BackgroundWriter, write_json
 from utils.provenance import RUN_RECORD, StepTimer
 from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
-from utils.stage1.cam import (cams_to_masks, claim_unclaimed, heatmap_of, multi_layer_cam, normalise_cams, refine_cams,
+from utils.stage1.cam import (cams_to_masks, heatmap_of, multi_layer_cam, normalise_cams, refine_cams,
                               scaled_size)
 from utils.stage1.pseudo_masks import file_sha256, mask_settings, pseudo_mask_name, read_manifest, write_manifest
-from utils.stage1.stitch import VoteStitcher, patch_votes, whole_image_dir
+from utils.stage1.stitch import (VoteStitcher, mean_tile_votes, patch_votes, tile_boxes, vote_mask, weigh_background,
+                                 whole_image_dir)
 from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, layer_decay_scales,
                             out_of_memory_message, restore_scaler, rng_state, set_poly_lr, set_rng_state,
                             sgd_with_multipliers)
 from utils.visualize import contact_sheet, heat_overlay, mask_picture
+from utils.weight_packages import check_weight_source, is_package_source
 
 
 def build_classifier(cfg):
     s1 = cfg.stage1
-    if s1.backbone == "resnet38" and s1.pretrained is True:
+    if s1.backbone == "resnet38" and (s1.pretrained is True or is_package_source(s1.pretrained)):
         raise ConfigError("stage1.pretrained: ResNet-38 weights are on no model hub; set it to the path of "
                           "ilsvrc-cls_rna-a1_cls1000_ep-0001.pth (see init_weights/README.md).")
-    if isinstance(s1.pretrained, str) and not Path(s1.pretrained).is_file():
-        raise ConfigError(f"stage1.pretrained: weight file {s1.pretrained} does not exist "
-                          "(see init_weights/README.md).")
+    try:
+        check_weight_source(s1.pretrained, "stage1.pretrained")
+    except ValueError as error:
+        raise ConfigError(f"stage1.pretrained: {error}") from None
     facts = inspect_network(cfg, "stage1")
     check_vit_settings(cfg, "stage1", facts)
     try:
@@ -347,8 +349,29 @@ def write_whole_images(cfg, stitcher, runtime, checkpoint_sha):
 
 
 @torch.no_grad()
-def score_whole_images(cfg, model, split_list, runtime, scale):
-    """CAM masks of whole val/test images, labels predicted by the classifier (threshold), scored on every
+def whole_image_votes(cfg, model, image, tile, runtime):
+    """C x H x W class votes of a whole image, made the way the training images' are: the image is cut into
+    half-overlapping tiles of the training tile size (`tile` = (h, w) px), each seen at stage1.image_size
+    with the labels the classifier predicts for that tile, and the tiles' votes are averaged where they
+    overlap. The classifier thus sees what it was trained on, whatever the image's size."""
+    s1 = cfg.stage1
+    height, width = image.shape[:2]
+    boxes = tile_boxes(height, width, tile)
+    scale = s1.image_size / max(tile)
+    multiple = getattr(model, "size_multiple", 1)
+    votes = []
+    for start in range(0, len(boxes), s1.cam_batch_size):
+        batch = boxes[start:start + s1.cam_batch_size]
+        tensor = torch.stack([network_input(image[y:y + h, x:x + w], scale, cfg.data.mean, cfg.data.std, multiple)
+                              for y, x, h, w in batch]).to(runtime.device)
+        maps, labels = class_maps(model, tensor, batch[0][2:], None, s1, runtime)
+        votes.append(patch_votes(maps, labels.to(maps.device)).cpu().numpy())
+    return mean_tile_votes(np.concatenate(votes), boxes, height, width)
+
+
+@torch.no_grad()
+def score_whole_images(cfg, model, split_list, runtime, tile):
+    """CAM masks of whole val/test images from their tiles' votes (whole_image_votes), scored on every
     labelled pixel: a pixel no class claims is background, or a miss where there is no background class.
 
     Returns the confusion matrices (C x (C + 1)) without and with post-processing (None when none is set).
@@ -360,12 +383,9 @@ def score_whole_images(cfg, model, split_list, runtime, scale):
     model.eval()
     for item in tqdm(runtime.shard(split_list), desc="scoring CAMs", disable=not runtime.is_main, leave=False):
         image, truth = load_pair(item, cfg.data.mask_encoding, num_classes)
-        tensor = network_input(image, scale, cfg.data.mean, cfg.data.std,
-                               getattr(model, "size_multiple", 1))[None]
-        tensor = tensor.to(runtime.device)
-        cams, labels = class_maps(model, tensor, truth.shape, None, s1, runtime)
-        masks = cams_to_masks(cams, labels, background, s1.background_cam_scale)
-        mask = claim_unclaimed(masks, background)[0].cpu().numpy()
+        votes = weigh_background(whole_image_votes(cfg, model, image, tile, runtime), background,
+                                 s1.background_cam_scale)
+        mask = vote_mask(votes, background)  # unclaimed pixels are background, or misses without one
         confusion[0] += confusion_matrix(mask, truth, num_classes, count_unclaimed=True)
         if fill:
             confusion[1] += confusion_matrix(fill_holes(mask, fill), truth, num_classes, count_unclaimed=True)
@@ -426,11 +446,13 @@ def main(argv=None):
     metrics, postprocessed = {}, {}
     if any(item.mask is not None for item in items):
         metrics["train"] = scores(confusion)
-    tile_size = read_rgb(items[0].image).shape[0]
-    scale = cfg.stage1.image_size / tile_size  # whole images are seen at the zoom the classifier trained at
+    tile = training_tile_size([item.image for item in items])
+    if runtime.is_main and any(held_out.values()):
+        print(f"whole images are scored over {tile[1]}x{tile[0]} px tiles (the training tiles' size), half "
+              "overlapping, each seen as the classifier was trained")
     for split, split_list in held_out.items():
         if split_list:
-            raw, cleaned = score_whole_images(cfg, model, split_list, runtime, scale)
+            raw, cleaned = score_whole_images(cfg, model, split_list, runtime, tile)
             metrics[split] = scores(raw)
             if cleaned is not None:
                 postprocessed[split] = scores(cleaned)

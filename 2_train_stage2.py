@@ -40,6 +40,7 @@ from utils.timm_settings import check_vit_settings, inspect_network, resolve_nor
 from utils.training import (CsvLog, TrainingError, WeightAverage, check_finite, out_of_memory_message, restore_scaler,
                             rng_state, set_poly_lr, set_rng_state, sgd_with_layer_decay)
 from utils.visualize import contact_sheet
+from utils.weight_packages import check_weight_source
 
 
 def training_pairs(cfg):
@@ -84,9 +85,10 @@ def training_pairs(cfg):
 
 def build_segmenter(cfg):
     s2 = cfg.stage2
-    if isinstance(s2.pretrained, str) and not Path(s2.pretrained).is_file():
-        raise ConfigError(f"stage2.pretrained: weight file {s2.pretrained} does not exist "
-                          "(see init_weights/README.md).")
+    try:
+        check_weight_source(s2.pretrained, "stage2.pretrained")
+    except ValueError as error:
+        raise ConfigError(f"stage2.pretrained: {error}") from None
     facts = inspect_network(cfg, "stage2")
     check_vit_settings(cfg, "stage2", facts)
     try:

@@ -12,6 +12,7 @@ import torch
 from timm.models import FeatureInfo
 
 from utils.checkpoint import describe_misfit, read_weight_file
+from utils.weight_packages import is_package_source, package_weight_file, rename_by_order
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 
@@ -129,11 +130,21 @@ def _source_key_candidates(encoder_key):
 
 
 def load_encoder_weights(encoder, encoder_name, path, kwargs=None):
-    """Copy a local weight file into a timm network cut short of the full model.
+    """Copy a local weight file, or the file a weight package ships (`package:<module>`), into a timm network
+    cut short of the full model.
 
     The file may be a full timm checkpoint: keys of dropped deeper stages or blocks, or of the classifier
-    head, are allowed; every key the network has must be there with its shape.
+    head, are allowed; every key the network has must be there with its shape. A package's file may use
+    other key names when its tensors line up, in order and shape, with the full timm network's.
     """
+    if is_package_source(path):
+        file = package_weight_file(path)
+        origin = f"the weight file of {path} ({file})"
+        _, full_model = encoder_feature_info(encoder_name, kwargs)
+        shapes = {key: tensor.shape for key, tensor in full_model.state_dict().items()}
+        state = rename_by_order(read_weight_file(file, "weight file"), shapes, origin, encoder_name)
+        load_encoder_state(encoder, encoder_name, state, origin, kwargs)
+        return
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weight file {path} does not exist; fix the path or use pretrained: false.")

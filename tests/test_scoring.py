@@ -64,7 +64,7 @@ def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
     resolve_normalisation(cfg, "stage1")
     # Every predicted label is under the threshold: once "ignore" everywhere and left out of the score.
     quiet = CamStub(torch.rand(1, 2, 8, 8), torch.full((1, 2), -5.0))
-    raw, cleaned = stage1.score_whole_images(cfg, quiet, items, CPU, 1.0)
+    raw, cleaned = stage1.score_whole_images(cfg, quiet, items, CPU, (8, 8))
     assert raw.sum() == 63 and cleaned is None
     assert raw[:, 0].sum() == 63  # nothing claimed: predicted as background, the gland pixels missed
 
@@ -74,9 +74,68 @@ def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
     resolve_normalisation(cfg, "stage1")
     maps = torch.zeros(1, 3, 8, 8)
     maps[0, 1, :, 4:] = 1.0  # class b lights up its half; class a nowhere
-    raw, _ = stage1.score_whole_images(cfg, CamStub(maps, torch.tensor([[3.0, 3.0, -3.0]])), items, CPU, 1.0)
+    raw, _ = stage1.score_whole_images(cfg, CamStub(maps, torch.tensor([[3.0, 3.0, -3.0]])), items, CPU, (8, 8))
     assert raw.sum() == 63 and raw[0, 3] == 31  # class a's pixels: unclaimed, counted as misses
     assert scores(raw)["iou"][0] == 0.0
+
+
+class TileTrainedStub(nn.Module):
+    """A classifier that only knows tiles of its training size: on a larger input it sees no gland at all
+    (as an ImageNet-initialised backbone did on whole GlaS images); on a tile its gland map is the tile's
+    brightness."""
+
+    def __init__(self, tile):
+        super().__init__()
+        self.tile = tile
+
+    def cams(self, x):
+        bright = (x.mean(dim=1, keepdim=True) > 0).float()
+        maps = torch.cat([1 - bright, bright], dim=1)
+        gland = 4.0 if x.shape[-1] <= self.tile else -4.0
+        scores = torch.tensor([[4.0, gland]]).expand(len(x), -1)
+        return [maps] * 3, [scores] * 3
+
+
+def test_whole_images_are_scored_over_tiles_of_the_training_size(tmp_path):
+    """The same network scores a whole image well over its tiles and badly in one pass: the figure no longer
+    depends on how the network copes with inputs larger than its training tiles."""
+    stage1 = load_script("1_train_stage1")
+    truth = np.zeros((40, 52), np.uint8)
+    truth[4:20, 6:30] = 1
+    image = np.where(truth[..., None] == 1, 230, 20).astype(np.uint8).repeat(3, axis=2)
+    save_png(tmp_path / "val" / "img" / "a.png", image)
+    save_png(tmp_path / "val" / "mask" / "a.png", truth)
+    items = [Item(tmp_path / "val" / "img" / "a.png", "a", None, tmp_path / "val" / "mask" / "a.png")]
+    cfg = load_config(None, ["stage1.cam_flip=false", "stage1.image_size=16", "stage1.cam_batch_size=5"])
+    resolve_normalisation(cfg, "stage1")
+    model = TileTrainedStub(16)
+    tiled, _ = stage1.score_whole_images(cfg, model, items, CPU, (16, 16))
+    assert scores(tiled)["miou"] > 0.95
+    # The image in one pass at the training zoom, as whole images were scored before: no gland anywhere.
+    whole = stage1.network_input(image, 1.0, cfg.data.mean, cfg.data.std)[None]
+    maps, labels = stage1.class_maps(model, whole, truth.shape, None, cfg.stage1, CPU)
+    one_pass = cams_to_masks(maps, labels, 0)[0].numpy()
+    assert labels[0].tolist() == [1.0, 0.0] and scores(confusion_matrix(one_pass, truth, 2))["iou"][1] == 0.0
+
+
+def test_tiles_cover_the_image_and_the_last_one_is_flush_with_its_edge():
+    from utils.stage1.stitch import mean_tile_votes, tile_boxes
+    boxes = tile_boxes(130, 60, (112, 112))
+    assert {(y, x) for y, x, _, _ in boxes} == {(0, 0), (18, 0)} and all(b[2:] == (112, 60) for b in boxes)
+    boxes = tile_boxes(300, 300, (112, 112))
+    assert sorted({y for y, _, _, _ in boxes}) == [0, 56, 112, 168, 188]
+    votes = np.zeros((2, 2, 4, 4), np.float32)
+    votes[0, 1] = 1.0  # the second tile votes for no class: it must not dilute the first one's vote
+    mean = mean_tile_votes(votes, [(0, 0, 4, 4), (2, 2, 4, 4)], 6, 6)
+    assert mean[1, :4, :4].min() == 1.0 and mean[:, 4:, 4:].max() == 0.0
+
+
+def test_training_tile_size_does_not_depend_on_file_order(tmp_path):
+    from utils.data.datasets import training_tile_size
+    paths = [save_png(tmp_path / f"{name}.png", np.zeros(size + (3,), np.uint8))
+             for name, size in (("a", (70, 80)), ("b", (64, 64)), ("c", (64, 64)), ("d", (70, 80)), ("e", (9, 9)))]
+    assert training_tile_size(paths) == training_tile_size(paths[::-1]) == (70, 80)
+    assert training_tile_size(paths[1:3]) == (64, 64)
 
 
 def test_cams_use_the_heads_weights_without_their_bias():

@@ -4,6 +4,7 @@ The layout and the label forms are those of ../METHOD.md; every problem a user c
 naming the file.
 """
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,13 @@ def median_image_size(paths):
     """(width, height): the median over images, from their file headers."""
     sizes = np.array([image_size(path) for path in paths])
     return int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))
+
+
+def training_tile_size(paths):
+    """(height, width) of the training tiles: the most common size (the largest among equals), from the file
+    headers, so that mixed sizes give the same answer in any file order."""
+    sizes = Counter((height, width) for width, height in (image_size(path) for path in paths))
+    return max(sizes, key=lambda size: (sizes[size], size))
 
 
 def _check_same_size(mask_path, mask_size, image_size):

@@ -40,6 +40,54 @@ def patch_votes(maps, labels):
     return votes
 
 
+def weigh_background(maps, background, background_scale=1.0):
+    """C x H x W mean votes with the background vote weighed by background_scale (in place), as in
+    cams_to_masks."""
+    if background is not None and background_scale != 1.0:
+        maps[background] *= background_scale
+    return maps
+
+
+def vote_mask(maps, background):
+    """The class with the highest vote of C x H x W maps; where no class has a vote, background, or ignore
+    when the data set has none."""
+    mask = maps.argmax(axis=0).astype(np.uint8)
+    mask[maps.max(axis=0) <= 0] = IGNORE_INDEX if background is None else background
+    return mask
+
+
+def tile_starts(length, tile, stride):
+    """Offsets of tiles of `tile` px, `stride` apart, that cover `length` px, the last one flush with the end
+    (one tile of the whole length when it is shorter than a tile)."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+def tile_boxes(height, width, tile, overlap=0.5):
+    """(y, x, h, w) of the tiles of `tile` = (h, w) px that cover an image, neighbours overlapping by
+    `overlap`, as 0_prepare_data.py cuts training patches (112 px at stride 56 for GlaS)."""
+    tile_h, tile_w = min(tile[0], height), min(tile[1], width)
+    stride_h, stride_w = (max(1, round(side * (1 - overlap))) for side in tile)
+    return [(y, x, tile_h, tile_w) for y in tile_starts(height, tile[0], stride_h)
+            for x in tile_starts(width, tile[1], stride_w)]
+
+
+def mean_tile_votes(votes, boxes, height, width):
+    """C x H x W mean votes of tiles (N x C x h x w, at boxes (y, x, h, w)); tiles that vote for no class
+    are not counted, as in VoteStitcher."""
+    total = np.zeros((votes.shape[1], height, width), np.float32)
+    counts = np.zeros((height, width), np.float32)
+    for tile_votes, (y, x, h, w) in zip(votes, boxes):
+        if tile_votes.any():
+            total[:, y:y + h, x:x + w] += tile_votes
+            counts[y:y + h, x:x + w] += 1.0
+    return total / np.maximum(counts, 1.0)[None]
+
+
 class VoteStitcher:
     """Accumulates patch votes per whole image (numpy, on the host)."""
 
@@ -93,18 +141,12 @@ class VoteStitcher:
 
     def weighed_maps(self, stem, background, background_scale=1.0):
         """stitched_maps with the background vote weighed by background_scale, as in cams_to_masks."""
-        maps = self.stitched_maps(stem)
-        if background is not None and background_scale != 1.0:
-            maps[background] *= background_scale
-        return maps
+        return weigh_background(self.stitched_maps(stem), background, background_scale)
 
     def mask(self, stem, background, background_scale=1.0):
         """The whole image's pseudo-mask: the class with the highest weighed mean vote; where no class has a
         vote, background, or ignore when the data set has none."""
-        maps = self.weighed_maps(stem, background, background_scale)
-        mask = maps.argmax(axis=0).astype(np.uint8)
-        mask[maps.max(axis=0) <= 0] = IGNORE_INDEX if background is None else background
-        return mask
+        return vote_mask(self.weighed_maps(stem, background, background_scale), background)
 
     def uncertain(self, stem, margin, background, background_scale=1.0):
         """Where the two highest weighed mean votes differ by less than `margin`: the pixels a pseudo-mask is
