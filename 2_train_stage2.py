@@ -107,6 +107,14 @@ def build_segmenter(cfg):
         print(f"starting from {s2.init_from}")
     if s2.encoder_from_stage1 and not s2.init_from:
         start_encoder_from_stage1(cfg, model)
+    if s2.frozen_stages:
+        if model.size_multiple > 1:
+            raise ConfigError("stage2.frozen_stages applies to convolutional encoders; set it to 0 "
+                              "(stage2.freeze_encoder freezes a whole Vision Transformer).")
+        try:
+            model.freeze_encoder_stages(s2.frozen_stages)
+        except ValueError as error:
+            raise ConfigError(f"stage2.frozen_stages: {error}") from None
     if s2.freeze_encoder:
         model.freeze_encoder()
     if s2.grad_checkpointing:

@@ -3,6 +3,7 @@
     python bench.py            # paper settings: ResNet-38 + IBM (batch 20, 224 px), ResNeSt-200e DPR (batch 16)
     python bench.py --quick    # small networks and images: a minute or two on a laptop CPU
     python bench.py --config configs/glas_cpu.yaml --only stage1_train stage2_train   # a config's networks
+    python bench.py --config configs/glas_imagenet_cpu.yaml --set precision=bf16       # ... with a setting changed
 
 Prints one line per figure (images/s, peak memory, model-FLOPs utilisation for the training steps) and
 writes the same to bench.json. (a) stage-1 training step, (b) CAMs + pseudo-masks end to end from PNG tiles
@@ -467,6 +468,8 @@ def main(argv=None):
                         help=f"run only these: {' '.join(FIGURES)}")
     parser.add_argument("--config", default=None,
                         help="time the networks, image sizes and batch sizes of this dataset YAML instead")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the config, e.g. --set stage1.frozen_stages=3 (repeatable)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     s = dict(QUICK if args.quick else FULL, **(QUICK_VIT if args.quick else FULL_VIT), profile=args.profile)
@@ -477,13 +480,14 @@ def main(argv=None):
     if args.config:
         # random weights: the speed is the same, and nothing has to be downloaded or trained first
         cfg = load_config(args.config, common + ["stage1.pretrained=false", "stage2.pretrained=false",
-                                                 "stage2.encoder_from_stage1=false"])
+                                                 "stage2.encoder_from_stage1=false"] + args.overrides)
         s.update(stage1_backbone=cfg.stage1.backbone, stage1_batch=cfg.stage1.batch_size,
                  stage1_size=cfg.stage1.image_size, stage2_encoder=cfg.stage2.encoder,
                  stage2_batch=cfg.stage2.batch_size, stage2_size=cfg.stage2.crop_size)
     else:
         cfg = load_config(None, common + [f"stage1.backbone={s['stage1_backbone']}", "stage1.out_indices=[1,2,3]",
-                                          "stage1.freeze_bn=true", f"stage2.encoder={s['stage2_encoder']}"])
+                                          "stage1.freeze_bn=true", f"stage2.encoder={s['stage2_encoder']}"]
+                          + args.overrides)
     resolve_normalisation(cfg, "stage1")
     runtime = setup_runtime(cfg)
     wanted = set(args.only or FIGURES)

@@ -34,6 +34,8 @@ class Stage1Classifier(nn.Module):
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()  # no dropout, drop-path or BatchNorm updates in a backbone that does not learn
+        for norm in getattr(self.backbone, "frozen_norms", ()):
+            norm.eval()
         return self
 
     @property

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.timm_encoder import create_timm_model, encoder_feature_info, is_plain_vit, load_encoder_weights
+from models.timm_encoder import (create_timm_model, encoder_feature_info, freeze_first_stages, is_plain_vit,
+                                 load_encoder_weights)
 from models.timm_vit import VitFeatures
 
 PYRAMID_BINS = (1, 2, 3, 6)
@@ -111,7 +112,8 @@ class DPR(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"DPR needs at least 2 classes, got num_classes={num_classes}.")
-        self.size_multiple, self.encoder_frozen = 1, False
+        self.size_multiple, self.encoder_frozen, self.frozen_norms = 1, False, []
+        self.encoder_name, self.encoder_kwargs = encoder, encoder_kwargs
         if is_plain_vit(encoder_feature_info(encoder, encoder_kwargs)[1]):
             # Blocks after the chosen one are not built.
             self.encoder = VitFeatures(encoder, (vit_block,), count=1, pretrained=pretrained, kwargs=encoder_kwargs)
@@ -145,10 +147,17 @@ class DPR(nn.Module):
             param.requires_grad_(False)
         self.encoder.eval()
 
+    def freeze_encoder_stages(self, count):
+        """No gradient for the encoder's stem and first `count` feature stages (a convolutional encoder); their
+        BatchNorm stays in eval mode."""
+        self.frozen_norms = freeze_first_stages(self.encoder, self.encoder_name, count, self.encoder_kwargs)
+
     def train(self, mode=True):
         super().train(mode)
         if self.encoder_frozen:
             self.encoder.eval()  # no dropout, drop-path or BatchNorm updates in an encoder that does not learn
+        for norm in self.frozen_norms:
+            norm.eval()
         return self
 
     def encode(self, x):

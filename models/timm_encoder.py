@@ -174,3 +174,30 @@ def load_encoder_state(encoder, encoder_name, state, origin, kwargs=None):
     if misfit:
         raise ValueError(f"{origin} does not fit timm network '{encoder_name}' ({misfit}).")
     encoder.load_state_dict(loaded, strict=False)
+
+
+def freeze_first_stages(net, encoder_name, count, kwargs=None):
+    """Freeze the stem and the first `count` feature stages of a timm network (timm's feature indices: 3 is
+    every layer up to stride 8): no gradient, so no backward pass runs through them. Returns the frozen
+    BatchNorm layers, which their owner keeps in eval mode so that their statistics stay pretrained."""
+    if count <= 0:
+        return []
+    info, _ = encoder_feature_info(encoder_name, kwargs)
+    if count > len(info.info):
+        raise ValueError(f"'{encoder_name}' has {len(info.info)} feature stages; cannot freeze {count}.")
+    last = info.info[count - 1]["module"]
+    names = {last, last.replace(".", "_")}  # timm's feature wrappers rename `layer.0` to `layer_0`
+    modules = list(net.named_modules())
+    inside = [i for i, (name, _) in enumerate(modules) if name in names]
+    if not inside:
+        raise ValueError(f"'{encoder_name}': stage module {last} not found in the network.")
+    end = inside[0] + 1
+    while end < len(modules) and any(modules[end][0].startswith(n + ".") for n in names):
+        end += 1
+    frozen_norms = []
+    for _, module in modules[:end]:
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(False)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            frozen_norms.append(module)
+    return frozen_norms

@@ -5,7 +5,7 @@ blocks. `finish` is the identity in both, so IBM acts on the deepest tap.
 """
 import torch.nn as nn
 
-from models.timm_encoder import create_timm_model, load_encoder_weights
+from models.timm_encoder import create_timm_model, freeze_first_stages, load_encoder_weights
 from models.timm_vit import VitFeatures
 
 
@@ -32,6 +32,11 @@ class TimmTaps(nn.Module):
         channels = self.net.feature_info.channels()
         self.tap_channels = tuple(channels)
         self.ibm_channels = channels[-1]
+        self.name, self.kwargs, self.frozen_norms = name, kwargs, []
+
+    def freeze_stages(self, count):
+        """No gradient for the stem and the first `count` feature stages; their BatchNorm stays in eval mode."""
+        self.frozen_norms = freeze_first_stages(self.net, self.name, count, self.kwargs)
 
     def encode(self, x):
         first, second, deepest = self.net(x)

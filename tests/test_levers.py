@@ -290,3 +290,37 @@ def test_stage2_decodes_the_dilated_stage1_layer3_and_keeps_it_in_its_file(tmp_p
     x = torch.rand(1, 3, 40, 48)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_frozen_stages_keep_their_weights_and_statistics_while_later_stages_learn():
+    import importlib
+
+    import pytest
+
+    from utils.config import ConfigError, load_config
+    stage1 = importlib.import_module("1_train_stage1")
+    stage2 = importlib.import_module("2_train_stage2")
+    cfg = load_config("configs/demo.yaml", ["stage1.backbone=resnet10t", "stage1.frozen_stages=2",
+                                            "stage1.freeze_bn=false", "stage2.encoder=resnet10t",
+                                            "stage2.frozen_stages=2"])
+    torch.manual_seed(0)
+    for model, net in ((stage1.build_classifier(cfg), None), (stage2.build_segmenter(cfg), None)):
+        net = model.backbone.net if hasattr(model, "backbone") else model.encoder
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model.train()
+        out = model(torch.randn(2, 3, 64, 64))
+        loss = sum(v.float().mean() for v in (out["logits"] if "logits" in out else [out["main"]]))
+        loss.backward()
+        optimizer.step()
+        after = net.state_dict()
+        early = [k for k in before if k.startswith(("conv1.", "bn1.", "layer1."))]
+        late = [k for k in before if k.startswith("layer2.") and k.endswith("weight")]
+        assert early and late
+        assert all(torch.equal(before[k], after[k]) for k in early)  # weights and running statistics alike
+        assert any(not torch.equal(before[k], after[k]) for k in late)
+    with pytest.raises(ConfigError, match="cannot freeze 9"):
+        stage1.build_classifier(load_config("configs/demo.yaml", ["stage1.backbone=resnet10t",
+                                                                   "stage1.frozen_stages=9"]))
+    with pytest.raises(ConfigError, match="must not be negative"):
+        load_config("configs/demo.yaml", ["stage2.frozen_stages=-1"])

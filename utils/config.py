@@ -72,6 +72,8 @@ DEFAULTS = {
         "vit_blocks": None,              # Vision Transformers: the three tapped blocks (default: spread over
                                          # the depth, ending with the last; negative counts from the end)
         "freeze_encoder": False,         # train only IBM and the heads
+        "frozen_stages": 0,              # timm convolutional backbones: the stem and this many feature stages
+                                         # get no gradient and keep their BatchNorm statistics (3: up to stride 8)
         "layer_decay": 1.0,              # Vision Transformers: lr x decay^(blocks above), 1: off
         "grad_checkpointing": False,     # timm backbones: recompute activations in backward (less memory)
         "ibm": True,
@@ -116,6 +118,7 @@ DEFAULTS = {
                                          # default: the deepest at stride 8; a deeper one needs encoder_kwargs
                                          # {output_stride: 8})
         "freeze_encoder": False,         # train only the DPR decoder
+        "frozen_stages": 0,              # convolutional encoders: as stage1.frozen_stages
         "layer_decay": 1.0,              # Vision Transformers: lr x decay^(blocks above), 1: off
         "grad_checkpointing": False,     # recompute encoder activations in backward (less memory)
         "crop_size": 224,
@@ -192,7 +195,8 @@ CHOICES = {
 }
 NON_NEGATIVE = ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
                 "stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size", "stage1.lr",
-                "stage2.lr", "seed", "stage1.weight_decay", "stage2.weight_decay", "demo.train_images")
+                "stage2.lr", "seed", "stage1.weight_decay", "stage2.weight_decay", "demo.train_images",
+                "stage1.frozen_stages", "stage2.frozen_stages")
 POSITIVE = ("stage1.batch_size", "stage2.batch_size", "stage1.image_size", "stage2.crop_size",
             "stage2.window", "prepare.patch_size", "prepare.stride",
             "stage1.cam_batch_size", "stage2.eval_batch_size", "inference.batch_size", "stage2.crops_per_image",
