@@ -404,7 +404,8 @@ def bench_slide(cfg, runtime, s, model, workdir):
     # Inside the end-to-end run, the time its forward passes take (the same calls, timed where they are made):
     # the model's share of the slide's time, measured under the same load as the rest of the run.
     in_run = {"seconds": 0.0}
-    predict_tile_batch = inference.predict_tile_batch
+    slide_running = importlib.import_module("utils.inference.slides")  # where the slide's batches are predicted
+    predict_tile_batch = slide_running.predict_tile_batch
 
     def timed_predict(*args):
         synchronize(runtime.device)
@@ -417,11 +418,11 @@ def bench_slide(cfg, runtime, s, model, workdir):
     run_inference("slide_warmup")
     reset_memory(runtime.device)
     before = model_only()
-    inference.predict_tile_batch = timed_predict
+    slide_running.predict_tile_batch = timed_predict
     try:
         row, command_seconds = run_inference("slide")
     finally:
-        inference.predict_tile_batch = predict_tile_batch
+        slide_running.predict_tile_batch = predict_tile_batch
     after = model_only()
     model_rate = (before + after) / 2  # the model-only rate is taken on both sides of the end-to-end run
     tiles, slide_seconds = int(row["tiles_predicted"]), float(row["seconds"])

@@ -6,7 +6,9 @@
 
 Reads each stage's config.yaml, metrics.json, run.json (wall time, hardware) and log.csv, and the data
 root's prepare_summary.json, and prints Markdown: the rows the README shows, with the command that made
-them. Figures are percentages of the metrics in metrics.json (mIoU and mean Dice over classes).
+them. Figures are percentages of the metrics in metrics.json (mIoU and mean Dice over classes). Each run
+folder also gets curves.png: loss and label accuracy (stage 1), loss and val mIoU (stage 2) per epoch from
+the log.csv files, the epoch whose model stage 2 kept marked.
 """
 import argparse
 import csv
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from utils.cli import run_main
+from utils.cli import run_main, warn
+from utils.curves import Panel, write_curves
 from utils.data.imageio import DataError
 from utils.provenance import RUN_RECORD, describe_hardware
 
 STAGES = ("stage1", "stage2")
+CURVES = "curves.png"
 NAMES = {"stage1": "stage 1: CAM pseudo-masks", "stage2": "stage 2: DPR"}
 
 
@@ -187,6 +191,36 @@ def render_run(run, command):
     return "\n".join(text)
 
 
+def kept_epoch(stage2_folder, log):
+    """(epoch, legend note) of the model stage 2 kept: metrics.json's best_epoch, or the last logged epoch when
+    the run kept its last one; (None, "") when neither is known."""
+    metrics = read_json(Path(stage2_folder) / "metrics.json") or {}
+    config_path = Path(stage2_folder) / "config.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    best = metrics.get("best_epoch")
+    if ((config or {}).get("stage2") or {}).get("keep_epoch") == "last":
+        epochs = [int(row["epoch"]) for row in log if str(row.get("epoch", "")).isdigit()]
+        epoch = best or (epochs[-1] if epochs else None)
+        return epoch, ", the last" if epoch is not None else ""
+    return best, ", best val mIoU" if best is not None else ""
+
+
+def write_run_curves(folder):
+    """RUN/curves.png from the stages' logs; a stage without a log (or with an empty one) gets no panel.
+    Returns the picture's path, or None when there was nothing to draw."""
+    folder = Path(folder)
+    stage1_log, stage2_log = read_log(folder / "stage1" / "log.csv"), read_log(folder / "stage2" / "log.csv")
+    epoch, note = kept_epoch(folder / "stage2", stage2_log)
+    panels = [Panel("stage 1: classifier", stage1_log, "accuracy", "label accuracy"),
+              Panel("stage 2: DPR", stage2_log, "val_miou", "val mIoU", epoch, note)]
+    try:
+        drawn = write_curves(folder / CURVES, panels)
+    except ImportError:
+        warn(f"matplotlib is not installed, so {folder / CURVES} was not drawn; pip install matplotlib.")
+        return None
+    return folder / CURVES if drawn else None
+
+
 def load_ablation(folder):
     """An ablation folder written by ablate.py: its plan, and each finished row's stage files."""
     folder = Path(folder)
@@ -236,6 +270,9 @@ def main(argv=None):
             print(render_ablation(load_ablation(folder), command))
         else:
             print(render_run(load_run(folder), command))
+            curves = write_run_curves(folder)
+            if curves is not None:
+                print(f"training curves: {curves}", file=sys.stderr)  # stdout stays the Markdown alone
     return 0
 
 

@@ -2,6 +2,8 @@
 import os
 import sys
 
+from tqdm import tqdm
+
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.data.imageio import DataError
@@ -18,6 +20,11 @@ def user_message(error):
     if "Original Traceback" in text and marker in text:
         text = text.rsplit(marker, 1)[1]
     return text.strip()
+
+
+def warn(message):
+    """One line on stderr that leaves progress bars intact."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def run_main(main, argv=None):

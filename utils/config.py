@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from utils.errors import ConfigError  # defined apart so timm_settings can raise it; importable from here too
 from utils.files import write_text
 
 # `None` in DEFAULTS means "optional"; the allowed types for such keys are in OPTIONAL_TYPES.
@@ -208,10 +209,6 @@ MOVED = {
     "data.fill_holes": "postprocess.fill_holes (predicted masks, scored beside the raw ones) and/or "
                        "stage1.pseudo_mask_fill_holes (the pseudo-masks stage 2 trains on)",
 }
-
-
-class ConfigError(ValueError):
-    """A wrong key or value in a config; the message names the key."""
 
 
 class Config(dict):

@@ -3,7 +3,7 @@ expect, and sizes checked against a Vision Transformer's patch."""
 import functools
 import re
 
-from utils.config import ConfigError
+from utils.errors import ConfigError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
