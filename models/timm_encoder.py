@@ -70,14 +70,24 @@ def create_timm_model(name, pretrained=False, kwargs=None, **options):
     architecture, model_args, _ = timm_architecture(name)
     merged = {**model_args, **(kwargs or {}), **options}
     if pretrained is not True:
-        return timm.create_model(architecture, pretrained=False, **merged)
+        return drop_blocks_after_last_output(timm.create_model(architecture, pretrained=False, **merged))
     try:
-        return timm.create_model(name, pretrained=True, **merged)
+        return drop_blocks_after_last_output(timm.create_model(name, pretrained=True, **merged))
     except OSError as error:  # no connection, a gated repository, a missing file
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ValueError(f"the weights of '{name}' could not be downloaded ({detail}). Gated models need their "
                          "licence accepted on the model page and a login (`hf auth login` or HF_TOKEN); without "
                          "internet, set pretrained to the path of a local weight file.") from None
+
+
+def drop_blocks_after_last_output(net):
+    """timm's own feature extractors of EfficientNet and MobileNet run every block, even those after the last
+    stage asked for; cut them, so that a network decoded at stride 8 does not pay for its deepest stages
+    (for Lite0 decoded at its fourth stage, three quarters of the encoder's operations)."""
+    taps = getattr(net, "_stage_out_idx", None)
+    if taps and isinstance(getattr(net, "blocks", None), torch.nn.Sequential) and net.feature_hooks is None:
+        net.blocks = net.blocks[:max(taps)]
+    return net
 
 
 def _hashable(value):

@@ -109,3 +109,15 @@ def test_bad_weight_files_are_named(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pth cannot be read"):
         DPR(ENCODER, num_classes=2, pretrained=garbage)
+
+
+def test_an_efficientnet_encoder_stops_at_the_decoded_stage():
+    """timm's EfficientNet feature extractor would run its deepest blocks too; DPR gets the same features
+    without them."""
+    full = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(3,), output_stride=8).eval()
+    model = DPR("tf_efficientnet_lite0", 2, encoder_kwargs={"output_stride": 8}, encoder_stage=3).eval()
+    assert len(model.encoder.blocks) == 5 and len(full.blocks) == 7
+    model.encoder.load_state_dict({k: v for k, v in full.state_dict().items() if k in model.encoder.state_dict()})
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(model.encoder(x)[-1], full(x)[-1])
