@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.cli import run_main, warn
-from utils.config import ConfigError, load_config
+from utils.config import load_config
 from utils.evaluation.scoring import FolderScore, check_mask_sizes, choose_encoding, find_masks
 from utils.inference.images import ImageRunner, ReadAhead
 from utils.inference.inputs import IO_THREADS, find_inputs, plan_jobs
@@ -125,12 +125,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    cfg = load_config(None, [f"device={args.device}"])
-    try:
-        runtime = setup_runtime(cfg)
-    except RuntimeError as error:
-        reason = str(error).splitlines()[0].split(";")[0]  # its own advice names a config key, not this flag
-        raise ConfigError(f"--device {args.device} cannot be used ({reason}); use --device cpu or auto.") from None
+    runtime = setup_runtime(load_config(None, [(f"device={args.device}", f"--device {args.device}")]))
     try:
         return run(args, runtime)
     finally:
