@@ -16,7 +16,8 @@ from pathlib import Path
 
 from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config
-from utils.files import write_json
+from utils.files import folder_problem, write_json
+from utils.run_folder import stage1_checkpoint_to_use
 
 IICB_TERMS = {"alpha": "confident cross-entropy", "beta": "uncertainty", "gamma": "smoothness",
               "delta": "compactness and separation", "eta": "soft Dice"}
@@ -61,6 +62,8 @@ def row_settings(args, folder, key, stage, overrides, base_overrides, stage1_sta
                  (f"stage2.epochs={args.stage2_epochs}", f"--stage2-epochs {args.stage2_epochs}")]
     source = key if stage == "stage1" else SOURCE_ROW
     settings.append((f"data.pseudo_mask_dir={folder / source / 'pseudo_mask'}", f"ablation row {key}"))
+    if stage == "stage2":  # the shared pseudo-masks are the source row's, not made under this row's name
+        settings.append(("stage2.accept_foreign_pseudo_masks=true", f"ablation row {key}"))
     if stage == "stage2" and stage1_start:
         settings.append((f"stage2.encoder_from_stage1={folder / source / 'stage1' / 'checkpoint.pth'}",
                          f"ablation row {key}"))
@@ -83,10 +86,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # validated once, before any row runs
     folder = Path(args.output or Path(cfg.runs_dir) / f"{cfg.name}_ablation")
+    problem = folder_problem(folder)
+    if problem:
+        raise ConfigError(f"the ablation folder {folder} cannot be written ({problem}); choose another with --output.")
     plan = row_plan(args.rows)
     for key, _, stage, overrides in plan:  # every row's settings checked before the first row runs
-        load_config(args.config, row_settings(args, folder, key, stage, overrides, args.overrides,
-                                              bool(cfg.stage2.encoder_from_stage1)))
+        row = load_config(args.config, row_settings(args, folder, key, stage, overrides, args.overrides,
+                                                     bool(cfg.stage2.encoder_from_stage1)))
+        finished = (folder / key / stage / "metrics.json").is_file() and not args.overwrite
+        if stage == "stage1" and not finished:
+            stage1_checkpoint_to_use(row)  # with --stage1-epochs 0, the row's trained checkpoint must be there
     record = {"config": str(args.config), "overrides": list(args.overrides),
               "schedule": {"stage1_epochs": args.stage1_epochs, "stage2_epochs": args.stage2_epochs},
               "source_row": SOURCE_ROW,

@@ -196,11 +196,12 @@ def cleanup(runtime, wait_for_all=True):
 
 
 def start_run(cfg, runtime, stage):
-    """The run folder with the resolved config in it; the demo data made first when the config asks."""
-    from utils.config import run_dir, save_config
-    out_dir = run_dir(cfg, stage)
+    """The run folder, checked to be writable; the demo data made first when the config asks. The folder's
+    config.yaml is written later, with the run's first own output (utils/run_folder.py)."""
+    from utils.run_folder import announce_rerun, check_output_folder
+    out_dir = check_output_folder(cfg, stage)
     if runtime.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+        announce_rerun(out_dir)
         if cfg.data.demo:
             from utils.data.demo_data import ensure_demo_dataset
             ensure_demo_dataset(cfg)
