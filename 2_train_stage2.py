@@ -227,6 +227,16 @@ def check_crop_size(crop_size, images, train_on="patches"):
                           f"for most of them, {source}); set stage2.crop_size to at most {min(width, height)}.")
 
 
+def check_batch_statistics(crops, per_rank_batch, world_size):
+    """DPR's pooled branch normalises 1 x 1 maps in training, so every process's batch needs two crops or more."""
+    smallest = per_rank_batch if crops // world_size >= per_rank_batch else -(-crops // world_size)
+    if smallest < 2:
+        raise ConfigError(f"stage 2 would train on batches of {smallest} crop per process ({crops} crops per epoch, "
+                          f"stage2.batch_size {per_rank_batch * world_size} over {world_size} process(es)), and its "
+                          "BatchNorm needs two; raise stage2.batch_size, stage2.crops_per_image or "
+                          "stage2.max_train_images.")
+
+
 def validation_items(cfg):
     """The val images; optional only when stage 2 keeps its last epoch rather than choosing one on them."""
     folder = Path(cfg.data.root) / "val" / "img"
@@ -248,6 +258,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
                               len(cfg.data.classes), augment=True, seed=cfg.seed,
                               jitter=(s2.hed_jitter, s2.color_jitter), crops_per_image=s2.crops_per_image,
                               scale_jitter=s2.scale_jitter, rotate90=s2.rotate90)
+    check_batch_statistics(len(dataset), per_rank_batch, runtime.world_size)
     loader = training_loader(dataset, per_rank_batch, runtime, cfg.seed)
     if runtime.is_main:
         print(f"stage 2 on {len(dataset)} images with {'ground-truth' if encoding != 'index' or s2.train_masks == 'ground_truth' else 'pseudo'} masks")

@@ -160,3 +160,12 @@ def test_values_the_network_decides_are_checked_when_it_is_described():
     cfg = load_config(None, ["stage1.backbone=resnet10t", "stage1.out_indices=[-3,-2,-1]"])
     check_vit_settings(cfg, "stage1", inspect_network(cfg, "stage1"))  # counted from the end: fine
 
+
+def test_stage2_batches_hold_two_crops_or_more_per_process():
+    check = load_script("2_train_stage2").check_batch_statistics
+    with pytest.raises(ConfigError, match="batches of 1 crop per process.*stage2.max_train_images"):
+        check(1, 8, 1)  # one labelled image for few-shot training, one crop of it per epoch
+    with pytest.raises(ConfigError, match="batches of 1 crop"):
+        check(3, 4, 4)
+    check(3, 8, 1)
+    check(16, 2, 1)
