@@ -252,6 +252,13 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         raise TrainingError(f"stage2.batch_size={s2.batch_size} is not divisible by the {runtime.world_size} "
                             "processes; choose a multiple of the process count.")
     per_rank_batch = s2.batch_size // runtime.world_size
+    if s2.epochs == 0:  # score stage2.init_from as it is (the "before" of few-shot adaptation): no training data
+        model.to(runtime.device).to(memory_format=torch.channels_last)
+        if runtime.is_main:
+            begin_record(cfg, out_dir)
+            save_stage2(out_dir / "best.pth", model, cfg, {"epoch": 0})
+        runtime.barrier()
+        return out_dir / "best.pth"
     images, masks, encoding = training_pairs(cfg)
     check_crop_size(s2.crop_size, images, s2.train_on)
     dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
@@ -299,12 +306,6 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             model, device_ids=None if runtime.device.type == "cpu" else [runtime.device])
     if cfg.compile:
         trainer = compile_model(trainer)
-    if s2.epochs == 0:  # evaluate stage2.init_from as it is (the "before" of few-shot adaptation)
-        if runtime.is_main:
-            begin_record(cfg, out_dir)
-            save_stage2(best_path, model, cfg, {"epoch": 0})
-        runtime.barrier()
-        return best_path
     train_step = segmenter_train_step(trainer, model, criterion, s2.aux_weight, runtime, scaler)
     for epoch in range(start_epoch, s2.epochs):
         loader.sampler.set_epoch(epoch)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, load_script, one_line_error, save_png, tiny_demo_args
+from conftest import load_script, one_line_error, save_png, tiny_demo_args
 from models.dpr import DPR
 from utils.cli import run_main
 from utils.data.imageio import DataError
@@ -246,3 +246,17 @@ def test_tampered_model_metadata_is_refused_when_the_file_is_loaded(tmp_path, ca
     line = one_line_error(capsys, load_script("inference").main, infer(tampered, inputs, tmp_path / "out"))
     assert str(tampered) in line and expected in line and "re-export" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_runs_first_checkpoint_replaces_the_previous_record_whole(tmp_path, capsys):
+    """From its first checkpoint on, the folder holds the new run: the previous run's metrics, which describe a
+    model that is gone, go with its config, and the rerun says so at start-up."""
+    from utils.config import load_config
+    from utils.run_folder import announce_rerun, begin_record
+    for name in ("metrics.json", "run.json", "config.yaml"):
+        (tmp_path / name).write_text("{}\n")
+    announce_rerun(tmp_path)
+    assert "holds a finished run" in capsys.readouterr().out
+    begin_record(load_config(None, ["stage1.epochs=3"]), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    assert "epochs: 3" in (tmp_path / "config.yaml").read_text()

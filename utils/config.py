@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.errors import ConfigError, source_of  # apart, so timm_settings can use them; importable from here too
+from utils.errors import ConfigError, source_of  # noqa: F401  (apart, for timm_settings; importable from here)
 from utils.files import write_text
 
 
