@@ -6,8 +6,9 @@ Writes into the config's data.root: labelled training patches (prepare.patch_siz
 held-out validation images and the test images with class-index masks. See utils/data/prepare.py.
 """
 from utils.cli import run_main
-from utils.config import base_parser, load_config
+from utils.config import ConfigError, base_parser, load_config, source_of
 from utils.data.prepare import prepare_dataset
+from utils.files import folder_problem
 
 
 def main(argv=None):
@@ -19,6 +20,10 @@ def main(argv=None):
                         help="remove files in data.root left by a preparation with other settings")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    problem = folder_problem(cfg.data.root)
+    if problem:  # found before any image is read
+        raise ConfigError(f"{source_of(cfg, 'data.root')}: 'data.root' is {cfg.data.root!r}, where the prepared data "
+                          f"cannot be written ({problem}).")
     prepare_dataset(cfg, args.raw, overwrite=args.overwrite)
     return 0
 

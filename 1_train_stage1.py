@@ -18,7 +18,7 @@ from tqdm import tqdm
 from models.classifier import Stage1Classifier, build_backbone
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
-from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir
+from utils.config import ConfigError, background_index, base_parser, load_config, pseudo_mask_dir, run_dir
 from utils.cuda_graphs import TrainStep
 from utils.data.datasets import (ClassificationSet, check_split_masks, load_pair, split_items, test_splits, train_items,
                                  training_loader, training_tile_size)
@@ -28,6 +28,7 @@ from utils.evaluation.metrics import confusion_matrix, scores
 from utils.evaluation.postprocess import class_indices, describe, fill_holes
 from utils.files import BackgroundWriter, write_json
 from utils.provenance import RUN_RECORD, StepTimer
+from utils.run_folder import begin_record, check_checkpoint_fits, stage1_checkpoint_to_use
 from utils.runtime import cleanup, compile_model, loader_options, setup_runtime, start_run, unwrap
 from utils.stage1.cam import (cams_to_masks, heatmap_of, multi_layer_cam, normalise_cams, refine_cams,
                               scaled_size)
@@ -132,7 +133,7 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
     start_epoch, step = 0, 0
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, STAGE1_FORMAT)
-        model.load_state_dict(state["model"])
+        load_weights(model, state, cfg, checkpoint_path, "--resume continues it")
         if "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
@@ -182,6 +183,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
                "lr": f"{optimizer.param_groups[0]['lr']:.3g}", "seconds": round(seconds, 1)}
         runtime.broadcast_buffers(model)  # the pseudo-masks of every rank then come from the saved weights
         if runtime.is_main:
+            if epoch == start_epoch:
+                begin_record(cfg, out_dir)  # the record changes with the run's first own checkpoint
             log.append(row)
             tqdm.write(f"stage 1 epoch {row['epoch']}: loss {row['loss']}, label accuracy {row['accuracy']}, "
                        f"{row['seconds']} s")
@@ -191,6 +194,17 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
                 "scaler": scaler.state_dict()})
         runtime.barrier()
     return checkpoint_path
+
+
+def load_weights(model, state, cfg, path, action):
+    """A stage-1 checkpoint's weights, refused with the setting that differs when they were made for another
+    network."""
+    check_checkpoint_fits(state.get("config"), cfg, "stage1", path, action)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: its weights do not fit this run's classifier "
+                              f"({str(error).splitlines()[0][:160]}); {action} only with the same network.") from None
 
 
 def network_input(image, size_or_scale, mean, std, multiple=1):
@@ -257,6 +271,9 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
             if not (reuse and (folder / pseudo_mask_name(item.image)).is_file())]
     runtime.barrier()  # every rank has read the old manifest before rank 0 replaces it
     if runtime.is_main:
+        if previous is not None and previous.get("checkpoint_sha256") != checkpoint_sha:  # never without a word
+            print(f"{folder} holds the pseudo-masks of another stage-1 checkpoint (run '{previous.get('config')}'); "
+                  "this run's replace them")
         folder.mkdir(parents=True, exist_ok=True)
         if not reuse:  # else, once the manifest names this checkpoint, a cut-short run would keep them as its own
             for index in todo:
@@ -420,6 +437,8 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="rewrite pseudo-masks that already exist")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    train = stage1_checkpoint_to_use(cfg, args.masks_only) is None
+    checkpoint_path = run_dir(cfg, "stage1") / "checkpoint.pth"
     normalisation = resolve_normalisation(cfg, "stage1")
     timer = StepTimer("stage1")
     runtime = setup_runtime(cfg)
@@ -441,12 +460,14 @@ def main(argv=None):
             print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 
     model = build_classifier(cfg)
-    checkpoint_path = out_dir / "checkpoint.pth"
-    if args.masks_only:
-        model.load_state_dict(load_checkpoint(checkpoint_path, STAGE1_FORMAT)["model"])
-        model.to(runtime.device)
-    else:
+    if train:
         train_classifier(cfg, model, items, runtime, out_dir, args.resume)
+    else:
+        state = load_checkpoint(checkpoint_path, STAGE1_FORMAT)
+        load_weights(model, state, cfg, checkpoint_path, "a checkpoint is used as it is")
+        cfg.stage1.epochs = state["epoch"]  # the record then describes the checkpoint beside it
+        if runtime.is_main:
+            print(f"no training: {checkpoint_path} (epoch {state['epoch']}) is used as it is")
     model = unwrap(model).to(runtime.device).to(memory_format=torch.channels_last)
     checkpoint_sha = file_sha256(checkpoint_path)
 
@@ -470,6 +491,7 @@ def main(argv=None):
     metrics["images"] = {split: [item.stem for item in split_list] for split, split_list in held_out.items()
                          if split_list}
     if runtime.is_main:
+        begin_record(cfg, out_dir)  # again: these metrics may use other settings than the checkpoint's run
         write_json(out_dir / "metrics.json", metrics)
         save_samples(out_dir / "samples.png", samples, cfg)
         for split in [s for s in metrics if s in held_out or s == "train"]:

@@ -31,6 +31,7 @@ from utils.evaluation.metrics import confusion_matrix, scores
 from utils.evaluation.postprocess import class_indices, describe, fill_holes
 from utils.files import BackgroundWriter, write_json
 from utils.provenance import RUN_RECORD, StepTimer
+from utils.run_folder import begin_record, check_checkpoint_fits
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
 from utils.stage1.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
 from utils.stage1.stitch import whole_image_dir, write_whole_ground_truth
@@ -74,10 +75,11 @@ def training_pairs(cfg):
             raise DataError(f"no whole training images in {whole}; stage2.train_on: whole_images needs stage 1 "
                             "run with stage1.stitch_whole_images: true.")
         images = list_images(whole / "img")
-        check_pseudo_masks(whole / "mask", images, expected_sha, s2.accept_foreign_pseudo_masks)
+        check_pseudo_masks(whole / "mask", images, expected_sha, s2.accept_foreign_pseudo_masks, stage1_checkpoint)
         images = images[:s2.max_train_images] if s2.max_train_images is not None else images
         return images, [whole / "mask" / pseudo_mask_name(path) for path in images], "index"
-    check_pseudo_masks(folder, [i.image for i in items], expected_sha, s2.accept_foreign_pseudo_masks)
+    check_pseudo_masks(folder, [i.image for i in items], expected_sha, s2.accept_foreign_pseudo_masks,
+                       stage1_checkpoint)
     if s2.max_train_images is not None:
         items = items[:s2.max_train_images]
     return [i.image for i in items], [folder / pseudo_mask_name(i.image) for i in items], "index"
@@ -225,6 +227,16 @@ def check_crop_size(crop_size, images, train_on="patches"):
                           f"for most of them, {source}); set stage2.crop_size to at most {min(width, height)}.")
 
 
+def check_batch_statistics(crops, per_rank_batch, world_size):
+    """DPR's pooled branch normalises 1 x 1 maps in training, so every process's batch needs two crops or more."""
+    smallest = per_rank_batch if crops // world_size >= per_rank_batch else -(-crops // world_size)
+    if smallest < 2:
+        raise ConfigError(f"stage 2 would train on batches of {smallest} crop per process ({crops} crops per epoch, "
+                          f"stage2.batch_size {per_rank_batch * world_size} over {world_size} process(es)), and its "
+                          "BatchNorm needs two; raise stage2.batch_size, stage2.crops_per_image or "
+                          "stage2.max_train_images.")
+
+
 def validation_items(cfg):
     """The val images; optional only when stage 2 keeps its last epoch rather than choosing one on them."""
     folder = Path(cfg.data.root) / "val" / "img"
@@ -240,12 +252,20 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         raise TrainingError(f"stage2.batch_size={s2.batch_size} is not divisible by the {runtime.world_size} "
                             "processes; choose a multiple of the process count.")
     per_rank_batch = s2.batch_size // runtime.world_size
+    if s2.epochs == 0:  # score stage2.init_from as it is (the "before" of few-shot adaptation): no training data
+        model.to(runtime.device).to(memory_format=torch.channels_last)
+        if runtime.is_main:
+            begin_record(cfg, out_dir)
+            save_stage2(out_dir / "best.pth", model, cfg, {"epoch": 0})
+        runtime.barrier()
+        return out_dir / "best.pth"
     images, masks, encoding = training_pairs(cfg)
     check_crop_size(s2.crop_size, images, s2.train_on)
     dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
                               len(cfg.data.classes), augment=True, seed=cfg.seed,
                               jitter=(s2.hed_jitter, s2.color_jitter), crops_per_image=s2.crops_per_image,
                               scale_jitter=s2.scale_jitter, rotate90=s2.rotate90)
+    check_batch_statistics(len(dataset), per_rank_batch, runtime.world_size)
     loader = training_loader(dataset, per_rank_batch, runtime, cfg.seed)
     if runtime.is_main:
         print(f"stage 2 on {len(dataset)} images with {'ground-truth' if encoding != 'index' or s2.train_masks == 'ground_truth' else 'pseudo'} masks")
@@ -269,6 +289,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     last_path, best_path = out_dir / "last.pth", out_dir / "best.pth"
     if resume and last_path.is_file():
         state = load_checkpoint(last_path, STAGE2_FORMAT)
+        check_checkpoint_fits(state.get("config"), cfg, "stage2", last_path, "--resume continues it")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -285,13 +306,6 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             model, device_ids=None if runtime.device.type == "cpu" else [runtime.device])
     if cfg.compile:
         trainer = compile_model(trainer)
-    if s2.epochs == 0:  # evaluate a given model as it is (the "before" of few-shot adaptation)
-        if not s2.init_from:
-            raise TrainingError("stage2.epochs is 0 and no stage2.init_from is set: there is no model to score.")
-        if runtime.is_main:
-            save_stage2(best_path, model, cfg, {"epoch": 0})
-        runtime.barrier()
-        return best_path
     train_step = segmenter_train_step(trainer, model, criterion, s2.aux_weight, runtime, scaler)
     for epoch in range(start_epoch, s2.epochs):
         loader.sampler.set_epoch(epoch)
@@ -329,6 +343,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
                "val_mdice": round(values["mdice"], 5) if values else "",
                "lr": f"{optimizer.param_groups[0]['lr']:.3g}", "seconds": round(time.perf_counter() - started, 1)}
         if runtime.is_main:
+            if epoch == start_epoch:
+                begin_record(cfg, out_dir)  # the record changes with the run's first own checkpoint
             log.append(row)
             tqdm.write(f"stage 2 epoch {row['epoch']}: loss {row['loss']}"
                        + (f", val mIoU {row['val_miou']}" if values else "") + (" (best so far)" if improved else ""))
@@ -393,6 +409,7 @@ def main(argv=None):
         if first_test is not None:
             save_test_sheet(out_dir / "test_samples.png", tests[first_test], out_dir / "predictions" / first_test,
                             cfg)
+        begin_record(cfg, out_dir)  # again: a resumed, finished run is scored with the settings in force
         write_json(out_dir / "metrics.json", metrics)
         for split in held_out:
             line = f"stage 2 on {split}: mIoU {metrics[split]['miou']:.4f}, Dice {metrics[split]['mdice']:.4f}"

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from utils.cli import run_main
-from utils.config import base_parser, load_config
-from utils.files import write_json
+from utils.config import ConfigError, base_parser, load_config
+from utils.files import folder_problem, write_json
+from utils.run_folder import stage1_checkpoint_to_use
 
 IICB_TERMS = {"alpha": "confident cross-entropy", "beta": "uncertainty", "gamma": "smoothness",
               "delta": "compactness and separation", "eta": "soft Dice"}
@@ -46,23 +47,33 @@ def row_plan(names=None):
     known = {row[0] for row in rows}
     unknown = [name for name in names if name not in known]
     if unknown:
-        from utils.config import ConfigError
         raise ConfigError(f"--rows: unknown row(s) {', '.join(unknown)}; rows are {', '.join(sorted(known))}.")
     wanted = set(names) | ({SOURCE_ROW} if any(r[2] == "stage2" and r[0] in names for r in rows) else set())
     return [row for row in rows if row[0] in wanted]
 
 
-def row_arguments(args, folder, key, stage, overrides, base_overrides, stage1_start=False):
-    """The stage script's command line for one row: its own run folder, val only, the shared schedule.
+def row_settings(args, folder, key, stage, overrides, base_overrides, stage1_start=False):
+    """The settings of one row, each with where it comes from: its own run folder, val only, the shared schedule.
     stage1_start: the config starts stage 2 from stage 1, which for every stage-2 row is the shared one."""
-    settings = [*base_overrides, f"runs_dir={folder}", f"name={key}", "data.test_splits=[]",
-                f"stage1.epochs={args.stage1_epochs}", f"stage2.epochs={args.stage2_epochs}"]
+    settings = [(text, f"--set {text}") for text in base_overrides]
+    settings += [(f"runs_dir={folder}", f"the ablation folder {folder}"), (f"name={key}", f"ablation row {key}"),
+                 ("data.test_splits=[]", "ablate.py (val only)"),
+                 (f"stage1.epochs={args.stage1_epochs}", f"--stage1-epochs {args.stage1_epochs}"),
+                 (f"stage2.epochs={args.stage2_epochs}", f"--stage2-epochs {args.stage2_epochs}")]
     source = key if stage == "stage1" else SOURCE_ROW
-    settings.append(f"data.pseudo_mask_dir={folder / source / 'pseudo_mask'}")
+    settings.append((f"data.pseudo_mask_dir={folder / source / 'pseudo_mask'}", f"ablation row {key}"))
+    if stage == "stage2":  # the shared pseudo-masks are the source row's, not made under this row's name
+        settings.append(("stage2.accept_foreign_pseudo_masks=true", f"ablation row {key}"))
     if stage == "stage2" and stage1_start:
-        settings.append(f"stage2.encoder_from_stage1={folder / source / 'stage1' / 'checkpoint.pth'}")
-    settings += overrides
-    return ["--config", args.config] + [part for text in settings for part in ("--set", text)]
+        settings.append((f"stage2.encoder_from_stage1={folder / source / 'stage1' / 'checkpoint.pth'}",
+                         f"ablation row {key}"))
+    return settings + [(text, f"ablation row {key}") for text in overrides]
+
+
+def row_arguments(args, folder, key, stage, overrides, base_overrides, stage1_start=False):
+    """The stage script's command line for one row (row_settings as --set options)."""
+    settings = row_settings(args, folder, key, stage, overrides, base_overrides, stage1_start)
+    return ["--config", args.config] + [part for text, _ in settings for part in ("--set", text)]
 
 
 def main(argv=None):
@@ -75,7 +86,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # validated once, before any row runs
     folder = Path(args.output or Path(cfg.runs_dir) / f"{cfg.name}_ablation")
+    problem = folder_problem(folder)
+    if problem:
+        raise ConfigError(f"the ablation folder {folder} cannot be written ({problem}); choose another with --output.")
     plan = row_plan(args.rows)
+    for key, _, stage, overrides in plan:  # every row's settings checked before the first row runs
+        row = load_config(args.config, row_settings(args, folder, key, stage, overrides, args.overrides,
+                                                     bool(cfg.stage2.encoder_from_stage1)))
+        finished = (folder / key / stage / "metrics.json").is_file() and not args.overwrite
+        if stage == "stage1" and not finished:
+            stage1_checkpoint_to_use(row)  # with --stage1-epochs 0, the row's trained checkpoint must be there
     record = {"config": str(args.config), "overrides": list(args.overrides),
               "schedule": {"stage1_epochs": args.stage1_epochs, "stage2_epochs": args.stage2_epochs},
               "source_row": SOURCE_ROW,

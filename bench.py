@@ -35,6 +35,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from utils.cli import USER_ERRORS, run_main
 from utils.config import load_config
 from utils.files import write_json
 from utils.runtime import compile_model, setup_runtime
@@ -474,10 +475,11 @@ def main(argv=None):
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     s = dict(QUICK if args.quick else FULL, **(QUICK_VIT if args.quick else FULL_VIT), profile=args.profile)
-    common = [f"device={args.device}", f"compile={args.compile}", f"cuda_graphs={not args.no_cuda_graphs}",
-              "num_workers=-1"]
+    # labelled with the options they come from, which messages then name
+    common = [(f"device={args.device}", f"--device {args.device}"), f"compile={args.compile}",
+              f"cuda_graphs={not args.no_cuda_graphs}", "num_workers=-1"]
     if args.precision != "auto" or args.config is None:  # else the config's own precision stands
-        common.append(f"precision={args.precision}")
+        common.append((f"precision={args.precision}", f"--precision {args.precision}"))
     if args.config:
         # random weights: the speed is the same, and nothing has to be downloaded or trained first
         cfg = load_config(args.config, common + ["stage1.pretrained=false", "stage2.pretrained=false",
@@ -525,6 +527,8 @@ def main(argv=None):
                         stage2_model = importlib.import_module("2_train_stage2").build_segmenter(cfg)
                     run = bench_inference if name == "inference" else bench_slide
                     result = run(cfg, runtime, s, stage2_model.eval(), workdir)
+            except USER_ERRORS:  # a setting the user can fix stops the bench with its sentence
+                raise
             except Exception as error:  # one failing figure must not hide the others
                 traceback.print_exc()
                 result = {"figure": name, "error": f"{type(error).__name__}: {error}"}
@@ -540,4 +544,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_main(main, sys.argv[1:])

@@ -17,10 +17,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.cli import run_main, warn
-from utils.config import ConfigError, load_config
+from utils.config import load_config
+from utils.data.imageio import DataError
+from utils.files import folder_problem
 from utils.evaluation.scoring import FolderScore, check_mask_sizes, choose_encoding, find_masks
 from utils.inference.images import ImageRunner, ReadAhead
-from utils.inference.inputs import IO_THREADS, find_inputs, plan_jobs
+from utils.inference.inputs import IO_THREADS, check_outputs_apart, find_inputs, plan_jobs
 from utils.inference.inputs import read_image  # noqa: F401  (inference.read_image, as tests call it)
 from utils.inference.ranks import merge_rank_confusions, merge_rank_summaries, rank_summary_path, write_rank_results
 from utils.inference.segmenter import Segmenter
@@ -125,12 +127,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    cfg = load_config(None, [f"device={args.device}"])
-    try:
-        runtime = setup_runtime(cfg)
-    except RuntimeError as error:
-        reason = str(error).splitlines()[0].split(";")[0]  # its own advice names a config key, not this flag
-        raise ConfigError(f"--device {args.device} cannot be used ({reason}); use --device cpu or auto.") from None
+    runtime = setup_runtime(load_config(None, [(f"device={args.device}", f"--device {args.device}")]))
     try:
         return run(args, runtime)
     finally:
@@ -139,10 +136,14 @@ def main(argv=None):
 
 
 def run(args, runtime):
-    model, meta = load_segmenter(args.checkpoint, runtime.device)
     output_dir = Path(args.output)
+    problem = folder_problem(output_dir)
+    if problem:  # found now, not after every input has been segmented
+        raise DataError(f"--output {output_dir} cannot hold the outputs ({problem}); choose another folder.")
+    model, meta = load_segmenter(args.checkpoint, runtime.device)
     jobs = plan_jobs(find_inputs(args.input, output_dir, args.recursive), output_dir)
     segmenter = Segmenter(model, meta, runtime, args)
+    check_outputs_apart(jobs, segmenter.paths)
     if args.masks:
         masks = find_masks(jobs, args.masks, args.mask_suffix)  # every mask is found before any work starts
         check_mask_sizes(jobs, masks, args.mask_downsample)

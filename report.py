@@ -28,9 +28,34 @@ CURVES = "curves.png"
 NAMES = {"stage1": "stage 1: CAM pseudo-masks", "stage2": "stage 2: DPR"}
 
 
+DAMAGED = "the file was cut short or edited: rerun the step that wrote it"
+
+
 def read_json(path):
+    """A mapping from a JSON file this project wrote, or None when there is none; a damaged one is a DataError."""
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not readable JSON ({str(error).splitlines()[0][:80]}); {DAMAGED}.") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: holds a {type(data).__name__}, not the mapping this project writes; {DAMAGED}.")
+    return data
+
+
+def read_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise DataError(f"{path}: not readable YAML; {DAMAGED}.") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: holds no mapping of settings; {DAMAGED}.")
+    return data
 
 
 def read_log(path):
@@ -44,9 +69,7 @@ def read_log(path):
 def load_stage(folder):
     """config, metrics, run record and log of one stage folder (None where a file is missing)."""
     folder = Path(folder)
-    config = None
-    if (folder / "config.yaml").is_file():
-        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    config = read_yaml(folder / "config.yaml")
     return {"config": config, "metrics": read_json(folder / "metrics.json"), "run": read_json(folder / RUN_RECORD),
             "log": read_log(folder / "log.csv")}
 
@@ -57,7 +80,7 @@ def load_run(folder):
     if not stages:
         raise DataError(f"{folder}: no stage1/metrics.json or stage2/metrics.json; run the numbered scripts "
                           "first (or point at runs/<name>).")
-    config = next(s["config"] for s in stages.values() if s["config"] is not None)
+    config = next((s["config"] for s in stages.values() if s["config"] is not None), None)
     prepare = read_json(Path(config["data"]["root"]) / "prepare_summary.json") if config else None
     return {"folder": folder, "stages": stages, "config": config, "prepare": prepare}
 
@@ -88,6 +111,8 @@ def stage_label(stage, data):
     best = data["metrics"].get("best_epoch")
     if stage != "stage2" or best is None:
         return name
+    if epochs == 0:
+        return f"{name} (stage2.init_from as it is, not trained)"
     if (data["config"] or {}).get("stage2", {}).get("keep_epoch") == "last":
         return f"{name} (epoch {best} of {epochs}, the last)"
     return f"{name} (epoch {best} of {epochs}, chosen on val)"
@@ -195,8 +220,7 @@ def kept_epoch(stage2_folder, log):
     """(epoch, legend note) of the model stage 2 kept: metrics.json's best_epoch, or the last logged epoch when
     the run kept its last one; (None, "") when neither is known."""
     metrics = read_json(Path(stage2_folder) / "metrics.json") or {}
-    config_path = Path(stage2_folder) / "config.yaml"
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    config = read_yaml(Path(stage2_folder) / "config.yaml")
     best = metrics.get("best_epoch")
     if ((config or {}).get("stage2") or {}).get("keep_epoch") == "last":
         epochs = [int(row["epoch"]) for row in log if str(row.get("epoch", "")).isdigit()]
@@ -265,15 +289,25 @@ def main(argv=None):
                                                 "ablation folders written by ablate.py")
     args = parser.parse_args(argv)
     for folder in args.runs:
-        command = f"python report.py {folder}"
-        if (Path(folder) / "ablation.json").is_file():
-            print(render_ablation(load_ablation(folder), command))
-        else:
-            print(render_run(load_run(folder), command))
-            curves = write_run_curves(folder)
-            if curves is not None:
-                print(f"training curves: {curves}", file=sys.stderr)  # stdout stays the Markdown alone
+        try:
+            report_folder(folder)
+        except DataError:
+            raise
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:  # files of another shape
+            raise DataError(f"{folder}: its files are not as this project writes them ({type(error).__name__}: "
+                            f"{str(error)[:80]}); {DAMAGED}.") from None
     return 0
+
+
+def report_folder(folder):
+    command = f"python report.py {folder}"
+    if (Path(folder) / "ablation.json").is_file():
+        print(render_ablation(load_ablation(folder), command))
+    else:
+        print(render_run(load_run(folder), command))
+        curves = write_run_curves(folder)
+        if curves is not None:
+            print(f"training curves: {curves}", file=sys.stderr)  # stdout stays the Markdown alone
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from utils.cli import run_main
 from utils.config import base_parser, load_config, run_dir
+from utils.run_folder import stage1_checkpoint_to_use
 
 
 def step(script, argv):
@@ -24,6 +25,7 @@ def main(argv=None):
     parser = base_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # validate once, before any work
+    stage1_checkpoint_to_use(cfg)  # with stage1.epochs 0, the run's checkpoint must be there
     common = ["--config", args.config] + [arg for text in args.overrides for arg in ("--set", text)]
     step("1_train_stage1", common)
     step("2_train_stage2", common)

@@ -105,11 +105,12 @@ def test_bf16_on_a_cpu_autocasts_and_warns_only_without_native_support(capsys, m
     cfg = load_config("configs/demo.yaml", ["device=cpu", "precision=bf16"])
     monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: True)
     runtime = runtime_module.setup_runtime(cfg)
-    assert runtime.amp_dtype == torch.bfloat16 and "warning" not in capsys.readouterr().out
+    assert runtime.amp_dtype == torch.bfloat16 and "warning" not in capsys.readouterr().err
     with runtime.autocast():
         assert torch.nn.Conv2d(3, 4, 3)(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
     monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: False)
     runtime_module.setup_runtime(cfg)
-    warning = capsys.readouterr().out
-    assert warning.count("\n") == 1 and "precision=bf16" in warning and "precision=fp32" in warning
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "bf16" in warning and "--set precision=fp32" in warning
+    assert "many times slower" in warning
     assert runtime_module.setup_runtime(load_config("configs/demo.yaml", ["device=cpu"])).amp_dtype is None

@@ -30,6 +30,9 @@ def warn(message):
 def run_main(main, argv=None):
     if not sys.stderr.isatty():  # logs of batch jobs: a progress line every 30 s, not every step
         os.environ.setdefault("TQDM_MININTERVAL", "30")
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, never fatal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = main(argv)
     except USER_ERRORS as error:

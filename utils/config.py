@@ -1,208 +1,314 @@
 """One config object per run: defaults below, a dataset YAML on top, then `--set key=value` overrides.
 
-Every key a YAML may use is listed in DEFAULTS; an unknown key or a value of the wrong type is an
-error naming the key, raised before any work starts.
+SETTINGS lists every key a YAML may use, with its default and the values it accepts. Every value is checked
+against it before any work starts; a refused one stops the run with one sentence that names the key, the
+value, what is allowed and where the value came from (which YAML file, or which command-line option).
 """
 import argparse
 import copy
+import math
+import re
 from pathlib import Path
 
 import yaml
 
-from utils.errors import ConfigError  # defined apart so timm_settings can raise it; importable from here too
+from utils.errors import ConfigError, source_of  # noqa: F401  (apart, for timm_settings; importable from here)
 from utils.files import write_text
 
-# `None` in DEFAULTS means "optional"; the allowed types for such keys are in OPTIONAL_TYPES.
-DEFAULTS = {
-    "name": "demo",
-    "seed": 0,
-    "device": "auto",          # auto | cpu | cuda | cuda:N | mps
-    "precision": "auto",       # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    "num_workers": -1,         # -1: chosen from the machine
-    "compile": False,          # torch.compile the training model when available
-    "cuda_graphs": True,       # replay training steps from CUDA graphs (one CUDA GPU, bf16 or fp32)
-    "runs_dir": "runs",
-    "data": {
-        "root": "datasets/demo",
-        "classes": ["background", "gland"],
-        "palette": [[239, 239, 239], [190, 61, 42]],
-        "mask_encoding": "index",        # index | binary255 | instance
-        "pseudo_mask_dir": None,         # default: <root>/train/pseudo_mask
-        "mean": None,                    # input normalisation; default: the stage network's pretrained_cfg
-        "std": None,                     # (ImageNet's when it has none)
-        "mpp": None,                     # microns per pixel of the training images (null: unknown); slides
-                                         # are analysed at this resolution
-        "background": "background",      # the class that is no tissue of interest, or null when every class is
-        "test_splits": ["test"],         # held-out splits scored once for the final model; missing ones are skipped
-        "split_titles": {},              # names for splits in reports, e.g. {test: Test A}; default: folder name
-        "demo": False,                   # synthesise the demo data set when root is missing
-    },
-    "postprocess": {                     # optional clean-up of predicted masks, always scored beside the raw masks
-        "fill_holes": [],                # class names whose enclosed holes are filled (a gland encloses its lumen)
-    },
-    "demo": {                            # synthetic data (only read when data.demo is true)
-        "kind": "glands",                # glands (gland / background) | tissue_types (4 tissues, no background)
-        "train_images": 160,
-        "val_images": 8,
-        "test_images": 12,
-        "tile_size": 96,
-        "test_size": [160, 128],
-        "stain_shift": 0.0,
-        "target_domain": True,           # also write a stain-shifted second domain for few-shot demos
-    },
-    "prepare": {                         # 0_prepare_data.py
-        "mode": "glas",                  # glas | generic
-        "patch_size": 112,
-        "stride": 56,
-        "min_class_fraction": 0.05,
-        "val_images": [],                # explicit list of training image stems held out as val
-        "val_count": 5,                  # otherwise this many, chosen by seed
-        "val_groups": None,              # a CSV naming each image's patient (first column: image name), e.g.
-                                         # GlaS's Grade.csv; whole patients are then held out (path relative
-                                         # to the raw folder)
-        "val_group_column": "patient ID",  # the CSV column that names the patient
-        "raw_mask_encoding": "instance", # for generic mode
-        "raw_mask_suffix": "_anno",
-    },
-    "stage1": {
-        "backbone": "resnet38",          # resnet38 or any timm model name, hf-hub: names included
-        "backbone_kwargs": {},           # passed to timm.create_model (class names such as SwiGLUPacked, SiLU)
-        "pretrained": False,             # false | true (timm or Hugging Face hub) | path to a weight file
-        "out_indices": [2, 3, 4],        # convolutional timm backbones: the three taps
-        "output_stride": 8,              # timm backbones that support dilation
-        "vit_blocks": None,              # Vision Transformers: the three tapped blocks (default: spread over
-                                         # the depth, ending with the last; negative counts from the end)
-        "freeze_encoder": False,         # train only IBM and the heads
-        "frozen_stages": 0,              # timm convolutional backbones: the stem and this many feature stages
-                                         # get no gradient and keep their BatchNorm statistics (3: up to stride 8)
-        "layer_decay": 1.0,              # Vision Transformers: lr x decay^(blocks above), 1: off
-        "grad_checkpointing": False,     # timm backbones: recompute activations in backward (less memory)
-        "ibm": True,
-        "image_size": 224,               # training tile size (a multiple of a ViT's patch size)
-        "epochs": 10,
-        "batch_size": 20,
-        "lr": 0.01,
-        "momentum": 0.0,
-        "weight_decay": 0.0005,
-        "poly_power": 0.9,
-        "grad_clip": 5.0,
-        "lr_mult_new": 10.0,
-        "freeze_bn": True,
-        "freeze_stem": True,
-        "head_weights": [0.2, 0.3, 0.5],
-        "boundary_weight": 0.01,
-        "embedding_weight": 0.01,
-        "cam_weights": [1.0, 1.0, 1.0],
-        "cam_scales": [1.0],
-        "cam_flip": True,
-        "label_threshold": 0.25,         # predicted-label threshold where no image label is known
-        "cam_batch_size": 16,
-        "samples": 6,                    # images in samples.png
-        "pseudo_mask_fill_holes": [],    # class names whose enclosed holes are filled in the pseudo-masks
-        "stitch_whole_images": False,    # also put the training images back together from their patches,
-                                         # with pseudo-masks from the stitched class maps (stage2.train_on)
-        "cam_refine_iterations": 0,      # training-free CAM refinement along colour edges (0: off)
-        "cam_refine_dilations": [1, 2, 4, 8],
-        "cam_refine_colour_scale": 0.3,
-        "background_cam_scale": 1.0,     # background map weight in the pseudo-masks (< 1: foreground favoured)
-        "pseudo_mask_ignore_margin": 0.0,  # stitched whole images: pixels whose two highest class votes differ
-                                         # by less than this are left unlabelled for stage 2 (0: off)
-        "hed_jitter": 0.0,               # stain augmentation: haematoxylin/eosin strength jitter (0: off)
-        "color_jitter": 0.0,             # brightness, contrast and saturation jitter (0: off)
-    },
-    "stage2": {
-        "encoder": "resnest200e",        # any timm model name, hf-hub: names included
-        "encoder_kwargs": {},            # passed to timm.create_model, as stage1.backbone_kwargs
-        "pretrained": False,
-        "vit_block": -1,                 # Vision Transformers: the block whose tokens DPR decodes
-        "encoder_stage": None,           # convolutional encoders: the feature stage DPR decodes (timm index;
-                                         # default: the deepest at stride 8; a deeper one needs encoder_kwargs
-                                         # {output_stride: 8})
-        "freeze_encoder": False,         # train only the DPR decoder
-        "frozen_stages": 0,              # convolutional encoders: as stage1.frozen_stages
-        "layer_decay": 1.0,              # Vision Transformers: lr x decay^(blocks above), 1: off
-        "grad_checkpointing": False,     # recompute encoder activations in backward (less memory)
-        "crop_size": 224,
-        "epochs": 10,
-        "batch_size": 16,
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0005,
-        "poly_power": 0.9,
-        "aux_weight": 0.4,
-        "sync_bn": False,
-        "window": 224,
-        "overlap": 0.5,
-        "eval_batch_size": 8,
-        "iicb": {"alpha": 1.0, "beta": 0.2, "gamma": 0.1, "delta": 0.1, "eta": 0.1, "tau": 0.4},
-        "init_from": None,
-        "encoder_from_stage1": False,    # start the encoder from stage 1's backbone (same timm network):
-                                         # true (this run's stage-1 checkpoint) or a stage-1 checkpoint file
-        "train_masks": "pseudo",         # pseudo | ground_truth
-        "max_train_images": None,
-        "accept_foreign_pseudo_masks": False,
-        "refinement_attention": True,    # DPR's attention on the class logits (false: ablation)
-        "aux_path": True,                # DPR's auxiliary path and its loss (false: ablation)
-        "train_on": "patches",           # patches | whole_images (stitched by stage1.stitch_whole_images)
-        "crops_per_image": 1,            # random crops per training image and epoch
-        "tta_flip": False,               # average predictions over horizontal and vertical flips
-        "ema_decay": 0.0,                # exponential moving average of the weights (0: off), e.g. 0.999
-        "keep_epoch": "best_val",        # best_val (the epoch of highest val mIoU) | last (no val needed:
-                                         # for a final model trained on every image once settings are chosen)
-        "hed_jitter": 0.0,               # stain augmentation, as stage1.hed_jitter
-        "color_jitter": 0.0,
-        "scale_jitter": 0.0,             # image and mask resized by U(1 - s, 1 + s) before the crop (0: off)
-        "rotate90": False,               # also transpose crops at random: with the flips, all 8 right-angle
-                                         # rotations and mirrorings (tissue has no up)
-    },
-    "inference": {                       # run_pipeline.py's inference step
-        "batch_size": 16,
-        "window": None,                  # default: the checkpoint's (stage2.window)
-        "overlap": None,                 # default: the checkpoint's (stage2.overlap)
-    },
-}
 
-OPTIONAL_TYPES = {
-    "prepare.val_groups": (str,),
-    "data.pseudo_mask_dir": (str,),
-    "data.mean": (list,),
-    "data.std": (list,),
-    "stage1.vit_blocks": (list,),
-    "data.background": (str,),
-    "data.mpp": (float, int),
-    "inference.window": (int,),
-    "inference.overlap": (float, int),
-    "stage2.init_from": (str,),
-    "stage2.max_train_images": (int,),
-    "stage2.encoder_stage": (int,),
-}
-UNION_TYPES = {  # keys that accept more than one type
-    "stage1.pretrained": (bool, str),
-    "stage2.pretrained": (bool, str),
-    "stage2.encoder_from_stage1": (bool, str),
-}
-# Mappings passed on as they are (keyword arguments of another library), not settings of ours.
-MODEL_KWARGS = ("stage1.backbone_kwargs", "stage2.encoder_kwargs")
-FREE_MAPPINGS = MODEL_KWARGS + ("data.split_titles",)  # mappings whose keys the user chooses
-CHOICES = {
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "data.mask_encoding": ("index", "binary255", "instance"),
-    "demo.kind": ("glands", "tissue_types"),
-    "prepare.mode": ("glas", "generic"),
-    "prepare.raw_mask_encoding": ("index", "binary255", "instance"),
-    "stage2.train_masks": ("pseudo", "ground_truth"),
-    "stage2.train_on": ("patches", "whole_images"),
-    "stage2.keep_epoch": ("best_val", "last"),
-}
-NON_NEGATIVE = ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
-                "stage1.epochs", "stage2.epochs", "stage1.batch_size", "stage2.batch_size", "stage1.lr",
-                "stage2.lr", "seed", "stage1.weight_decay", "stage2.weight_decay", "demo.train_images",
-                "stage1.frozen_stages", "stage2.frozen_stages")
-POSITIVE = ("stage1.batch_size", "stage2.batch_size", "stage1.image_size", "stage2.crop_size",
-            "stage2.window", "prepare.patch_size", "prepare.stride",
-            "stage1.cam_batch_size", "stage2.eval_batch_size", "inference.batch_size", "stage2.crops_per_image",
-            "stage1.background_cam_scale")
+class Allowed:
+    """The values one setting accepts. `text` says which (in messages); `clean(value)` returns the value as it
+    is stored, or raises ValueError. `numeric` marks the settings made of numbers."""
 
+    def __init__(self, text, clean, numeric=False, null=False, bounds=""):
+        self.text, self._clean, self.numeric, self.null, self.bounds = text, clean, numeric, null, bounds
+
+    def clean(self, value):
+        if value is None and self.null:
+            return None
+        try:
+            return self._clean(value)
+        except (TypeError, OverflowError):  # e.g. an integer too large for a float
+            raise ValueError from None
+
+    def or_null(self):
+        return Allowed(f"{self.text}, or null", self._clean, self.numeric, True, self.bounds)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # YAML's true is an int to Python
+
+
+def _bounds(low, high, low_open=False, high_open=False):
+    def written(bound):
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{written(low)}, {written(high)}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'above' if low_open else 'at least'} {written(low)}"
+    return f"{'below' if high_open else 'at most'} {written(high)}" if high is not None else ""
+
+
+def number(low=None, high=None, low_open=False, high_open=False):
+    """A finite number; a whole one is stored as a decimal, and `1e-3`, which YAML reads as text, is read."""
+    def clean(value):
+        value = float(value) if isinstance(value, str) else value
+        if not _is_number(value):
+            raise ValueError
+        value = float(value)
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and (value >= high if high_open else value > high)):
+            raise ValueError
+        return value
+    bounds = _bounds(low, high, low_open, high_open)
+    return Allowed(f"a number {bounds}".strip(), clean, numeric=True, bounds=bounds)
+
+
+def whole(low=None, high=None):
+    def clean(value):
+        if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low) \
+                or (high is not None and value > high):
+            raise ValueError
+        return value
+    bounds = _bounds(low, high)
+    return Allowed(f"a whole number {bounds}".strip(), clean, numeric=True, bounds=bounds)
+
+
+def numbers(each, count=None, least=1, most=None, not_all_zero=False):
+    """A list of numbers, each allowed by `each` (a number() or whole() rule): `count` of them, or from
+    `least` to `most`."""
+    def clean(value):
+        if not isinstance(value, list) or len(value) < (count or least) or len(value) > (count or most or len(value)):
+            raise ValueError
+        cleaned = [each.clean(v) for v in value]
+        if not_all_zero and not any(cleaned):
+            raise ValueError
+        return cleaned
+    how_many = {1: "one", 2: "two", 3: "three"}.get(count, count) if count else \
+        (f"{least} to {most}" if most else f"at least {least}")
+    kind = "whole numbers" if each.text.startswith("a whole") else "numbers"
+    text = f"a list of {how_many} {kind}" + (f", each {each.bounds}" if each.bounds else "")
+    return Allowed(text + (", not all 0" if not_all_zero else ""), clean, numeric=True)
+
+
+def one_of(*choices):
+    def clean(value):
+        if isinstance(value, bool) or value not in choices:
+            raise ValueError
+        return value
+    return Allowed("one of " + ", ".join(map(str, choices)), clean, numeric=all(isinstance(c, int) for c in choices))
+
+
+def text(pattern=None, meaning="text"):
+    def clean(value):
+        if not isinstance(value, str) or not value.strip() or (pattern and not re.fullmatch(pattern, value)):
+            raise ValueError
+        return value
+    return Allowed(meaning, clean)
+
+
+def names(least=0, meaning="a list of names"):
+    def clean(value):
+        if not isinstance(value, list) or len(value) < least or len(set(map(str, value))) < len(value) \
+                or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError
+        return value
+    return Allowed(meaning, clean)
+
+
+def _kind(check, what, numeric=False):
+    def clean(value):
+        if not check(value):
+            raise ValueError
+        return value
+    return Allowed(what, clean, numeric)
+
+
+def _is_colour(value):
+    return isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                               and 0 <= v <= 255 for v in value)
+
+
+FLAG = _kind(lambda v: isinstance(v, bool), "true or false")
+FLAG_OR_PATH = _kind(lambda v: isinstance(v, bool) or (isinstance(v, str) and v.strip() != ""),
+                     "true, false or the path of a file")
+MAPPING = _kind(lambda v: isinstance(v, dict), "a mapping")
+KWARGS = _kind(lambda v: isinstance(v, dict), "a mapping of keyword arguments")
+COLOURS = _kind(lambda v: isinstance(v, list) and all(map(_is_colour, v)),
+                "a list of [R, G, B] colours, each value a whole number from 0 to 255", numeric=True)
+TEXT = text()
+PATH_OR_NULL = text(meaning="the path of a file or folder").or_null()
+FRACTION = number(0, 1, high_open=True)          # [0, 1): jitter strengths, overlaps, moving-average decays
+PROBABILITY = number(0, 1, low_open=True, high_open=True)
+LAYER_DECAY = number(0, 1, low_open=True)        # (0, 1]; 1 is off
+RATE = number(0, 10, low_open=True)              # a learning rate above 10 only diverges
+MANY = 10**6                                     # a bound on counts that stops typos, not real runs
+WEIGHT = number(0, MANY)                         # loss weights
+POLY = number(0, 10)
+SIDE = whole(16, 16384)                          # pixels: the stride-8 maps are then at least 2 x 2
+COUNT = whole(0, MANY)
+BATCH = whole(1, MANY)
+FROZEN = whole(0, 64)                            # the network itself says how many stages it has
+ENCODING = one_of("index", "binary255", "instance")
+DEVICE = text(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N (N: a GPU's number) or mps")
+RUN_NAME = text(r"(?!\.\.?$)[^/\\]+", "a name without / or \\ (it names a folder)")
+
+# Every setting: its default, and the values it accepts. Sections (`stage1.`) and mappings of settings
+# (`stage2.iicb.`) come from the dotted names; MAPPING and KWARGS values are mappings whose keys the user
+# chooses. Cross-setting rules (a colour per class, a background among the classes) are in _check_together.
+SETTINGS = {
+    "name": ("demo", RUN_NAME),                       # the run's folder: <runs_dir>/<name>/
+    "seed": (0, whole(0, 2**32 - 1)),
+    "device": ("auto", DEVICE),
+    "precision": ("auto", one_of("auto", "fp32", "bf16", "fp16")),  # auto: bf16/fp16 on GPU, fp32 on CPU
+    "num_workers": (-1, whole(-1, 256)),              # -1: chosen from the machine
+    "compile": (False, FLAG),                         # torch.compile the training model when available
+    "cuda_graphs": (True, FLAG),                      # replay training steps from CUDA graphs (one CUDA GPU)
+    "runs_dir": ("runs", text(meaning="a folder")),
+
+    "data.root": ("datasets/demo", text(meaning="a folder")),
+    "data.classes": (["background", "gland"], names(2, "a list of at least two distinct names")),
+    "data.palette": ([[239, 239, 239], [190, 61, 42]], COLOURS),
+    "data.mask_encoding": ("index", ENCODING),
+    "data.pseudo_mask_dir": (None, text(meaning="a folder").or_null()),  # null: <root>/train/pseudo_mask
+    # input normalisation in [0, 1] units; null: the stage network's pretrained_cfg (ImageNet's when none)
+    "data.mean": (None, numbers(number(0, 1), count=3).or_null()),
+    "data.std": (None, numbers(number(0, 1, low_open=True), count=3).or_null()),
+    # microns per pixel of the training images (null: unknown); slides are analysed at this resolution
+    "data.mpp": (None, number(0, 100, low_open=True).or_null()),
+    "data.background": ("background", TEXT.or_null()),  # the class that is no tissue, or null when every class is
+    "data.test_splits": (["test"], names(meaning="a list of distinct folder names")),  # missing ones are skipped
+    "data.split_titles": ({}, MAPPING),               # names of splits in reports, e.g. {test: Test A}
+    "data.demo": (False, FLAG),                       # synthesise the demo data set when root is missing
+
+    "postprocess.fill_holes": ([], names()),          # classes whose enclosed holes are filled in predictions
+
+    "demo.kind": ("glands", one_of("glands", "tissue_types")),  # only read when data.demo is true
+    "demo.train_images": (160, whole(1, MANY)),
+    "demo.val_images": (8, COUNT),
+    "demo.test_images": (12, COUNT),
+    "demo.tile_size": (96, SIDE),
+    "demo.test_size": ([160, 128], numbers(SIDE, count=2)),
+    "demo.stain_shift": (0.0, number(-2, 2)),
+    "demo.target_domain": (True, FLAG),               # also write a stain-shifted second domain
+
+    "prepare.mode": ("glas", one_of("glas", "generic")),  # 0_prepare_data.py
+    "prepare.patch_size": (112, SIDE),
+    "prepare.stride": (56, whole(1, 16384)),
+    "prepare.min_class_fraction": (0.05, FRACTION),
+    "prepare.val_images": ([], names()),              # training image stems held out whole as val
+    "prepare.val_count": (5, COUNT),                  # otherwise this many, chosen by seed
+    "prepare.val_groups": (None, PATH_OR_NULL),       # a CSV naming each image's patient (GlaS's Grade.csv)
+    "prepare.val_group_column": ("patient ID", TEXT),
+    "prepare.raw_mask_encoding": ("instance", ENCODING),  # generic mode
+    "prepare.raw_mask_suffix": ("_anno", TEXT),
+
+    "stage1.backbone": ("resnet38", TEXT),            # resnet38 or any timm name, hf-hub: names included
+    "stage1.backbone_kwargs": ({}, KWARGS),           # passed to timm.create_model
+    "stage1.pretrained": (False, FLAG_OR_PATH),       # false | true (timm or the hub) | a weight file | package:
+    "stage1.out_indices": ([2, 3, 4], numbers(whole(-16, 16), count=3)),  # convolutional timm backbones
+    "stage1.output_stride": (8, one_of(8, 16, 32)),   # timm backbones that support dilation
+    "stage1.vit_blocks": (None, numbers(whole(-1024, 1023), count=3).or_null()),  # ViTs; null: spread
+    "stage1.freeze_encoder": (False, FLAG),           # train only IBM and the heads
+    "stage1.frozen_stages": (0, FROZEN),              # timm convolutional backbones: stem + N stages frozen
+    "stage1.layer_decay": (1.0, LAYER_DECAY),         # Vision Transformers: lr x decay^(blocks above)
+    "stage1.grad_checkpointing": (False, FLAG),
+    "stage1.ibm": (True, FLAG),
+    "stage1.image_size": (224, SIDE),                 # training tile size (a multiple of a ViT's patch size)
+    "stage1.epochs": (10, whole(0, MANY)),            # 0: no training, the run's checkpoint.pth as it is
+    "stage1.batch_size": (20, BATCH),
+    "stage1.lr": (0.01, RATE),
+    "stage1.momentum": (0.0, FRACTION),
+    "stage1.weight_decay": (0.0005, FRACTION),
+    "stage1.poly_power": (0.9, POLY),
+    "stage1.grad_clip": (5.0, number(0, low_open=True)),
+    "stage1.lr_mult_new": (10.0, number(0, 1000, low_open=True)),
+    "stage1.freeze_bn": (True, FLAG),
+    "stage1.freeze_stem": (True, FLAG),
+    "stage1.head_weights": ([0.2, 0.3, 0.5], numbers(WEIGHT, count=3, not_all_zero=True)),
+    "stage1.boundary_weight": (0.01, WEIGHT),
+    "stage1.embedding_weight": (0.01, WEIGHT),
+    "stage1.cam_weights": ([1.0, 1.0, 1.0], numbers(WEIGHT, count=3, not_all_zero=True)),
+    "stage1.cam_scales": ([1.0], numbers(number(0, 4, low_open=True), least=1, most=8)),
+    "stage1.cam_flip": (True, FLAG),
+    "stage1.label_threshold": (0.25, PROBABILITY),   # predicted-label threshold where no image label is known
+    "stage1.cam_batch_size": (16, BATCH),
+    "stage1.samples": (6, whole(0, 64)),              # images in samples.png
+    "stage1.pseudo_mask_fill_holes": ([], names()),   # classes whose enclosed holes are filled in pseudo-masks
+    "stage1.stitch_whole_images": (False, FLAG),      # also put the training images back together
+    "stage1.cam_refine_iterations": (0, whole(0, 1000)),  # CAM refinement along colour edges (0: off)
+    "stage1.cam_refine_dilations": ([1, 2, 4, 8], numbers(whole(1, 256), least=1, most=16)),
+    "stage1.cam_refine_colour_scale": (0.3, number(0, 100, low_open=True)),
+    "stage1.background_cam_scale": (1.0, number(0, 100, low_open=True)),  # < 1: foreground favoured
+    "stage1.pseudo_mask_ignore_margin": (0.0, FRACTION),  # stitched images: close votes left unlabelled
+    "stage1.hed_jitter": (0.0, FRACTION),             # stain augmentation (0: off)
+    "stage1.color_jitter": (0.0, FRACTION),
+
+    "stage2.encoder": ("resnest200e", TEXT),          # any timm name, hf-hub: names included
+    "stage2.encoder_kwargs": ({}, KWARGS),
+    "stage2.pretrained": (False, FLAG_OR_PATH),
+    "stage2.vit_block": (-1, whole(-1024, 1023)),     # Vision Transformers: the block DPR decodes
+    "stage2.encoder_stage": (None, whole(0, 64).or_null()),  # convolutional encoders: the stage decoded
+    "stage2.freeze_encoder": (False, FLAG),
+    "stage2.frozen_stages": (0, FROZEN),
+    "stage2.layer_decay": (1.0, LAYER_DECAY),
+    "stage2.grad_checkpointing": (False, FLAG),
+    "stage2.crop_size": (224, SIDE),
+    "stage2.epochs": (10, whole(0, MANY)),            # 0: only score stage2.init_from
+    "stage2.batch_size": (16, whole(2, MANY)),       # BatchNorm of DPR's pooled branch needs two crops
+    "stage2.lr": (0.01, RATE),
+    "stage2.momentum": (0.9, FRACTION),
+    "stage2.weight_decay": (0.0005, FRACTION),
+    "stage2.poly_power": (0.9, POLY),
+    "stage2.aux_weight": (0.4, WEIGHT),
+    "stage2.sync_bn": (False, FLAG),
+    "stage2.window": (224, SIDE),
+    "stage2.overlap": (0.5, FRACTION),
+    "stage2.eval_batch_size": (8, BATCH),
+    "stage2.iicb.alpha": (1.0, WEIGHT),
+    "stage2.iicb.beta": (0.2, WEIGHT),
+    "stage2.iicb.gamma": (0.1, WEIGHT),
+    "stage2.iicb.delta": (0.1, WEIGHT),
+    "stage2.iicb.eta": (0.1, WEIGHT),
+    "stage2.iicb.tau": (0.4, FRACTION),
+    "stage2.init_from": (None, PATH_OR_NULL),
+    "stage2.encoder_from_stage1": (False, FLAG_OR_PATH),  # true: this run's stage-1 checkpoint, or a file
+    "stage2.train_masks": ("pseudo", one_of("pseudo", "ground_truth")),
+    "stage2.max_train_images": (None, whole(1, MANY).or_null()),
+    "stage2.accept_foreign_pseudo_masks": (False, FLAG),
+    "stage2.refinement_attention": (True, FLAG),      # DPR's attention on the class logits (false: ablation)
+    "stage2.aux_path": (True, FLAG),                  # DPR's auxiliary path and its loss (false: ablation)
+    "stage2.train_on": ("patches", one_of("patches", "whole_images")),
+    "stage2.crops_per_image": (1, whole(1, 1000)),
+    "stage2.tta_flip": (False, FLAG),
+    "stage2.ema_decay": (0.0, FRACTION),              # moving average of the weights (0: off), e.g. 0.999
+    "stage2.keep_epoch": ("best_val", one_of("best_val", "last")),
+    "stage2.hed_jitter": (0.0, FRACTION),
+    "stage2.color_jitter": (0.0, FRACTION),
+    "stage2.scale_jitter": (0.0, FRACTION),           # image and mask resized by U(1 - s, 1 + s) (0: off)
+    "stage2.rotate90": (False, FLAG),                 # with the flips, all 8 right-angle rotations and mirrorings
+
+    "inference.batch_size": (16, BATCH),              # run_pipeline.py's inference step
+    "inference.window": (None, SIDE.or_null()),       # null: the checkpoint's (stage2.window)
+    "inference.overlap": (None, FRACTION.or_null()),  # null: the checkpoint's (stage2.overlap)
+}
+FREE_MAPPINGS = tuple(key for key, (_, allowed) in SETTINGS.items() if allowed in (MAPPING, KWARGS))
+MODEL_KWARGS = tuple(key for key, (_, allowed) in SETTINGS.items() if allowed is KWARGS)
+
+
+def _nest(flat):
+    nested = {}
+    for dotted, value in flat.items():
+        *sections, leaf = dotted.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return nested
+
+
+DEFAULTS = _nest({key: default for key, (default, _) in SETTINGS.items()})
 
 # Keys of earlier versions, with where their setting lives now.
 MOVED = {
@@ -233,57 +339,24 @@ def _wrap(value):
     return value
 
 
-def _type_ok(key, default, value):
-    if value is None:
-        return default is None or key in OPTIONAL_TYPES
-    if key in UNION_TYPES:
-        return isinstance(value, UNION_TYPES[key])
-    if default is None:
-        allowed = OPTIONAL_TYPES.get(key, (object,))
-        if isinstance(value, bool) and bool not in allowed:  # YAML's true is an int to Python
-            return False
-        return isinstance(value, allowed)
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, type(default))
-
-
-def _merge(base, update, source, prefix=""):
+def _merge(base, update, source, origins, prefix=""):
+    """Lay `update` over `base`, recording each key's source in `origins`; values are checked later, once all
+    layers are in, so that a base file's value a variant replaces is never judged."""
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if dotted in MOVED:
             raise ConfigError(f"{source}: '{dotted}' was replaced by {MOVED[dotted]}.")
         if key not in base:
-            raise ConfigError(f"{source}: unknown key '{dotted}'; known keys here: {', '.join(sorted(base))}.")
-        default = base[key]
-        if dotted in FREE_MAPPINGS:
-            if not isinstance(value, dict):
-                what = "mapping of keyword arguments" if dotted in MODEL_KWARGS else "mapping"
-                raise ConfigError(f"{source}: '{dotted}' must be a {what}, not {value!r}.")
-            base[key] = {**default, **value}
-            continue
-        if isinstance(default, dict):
+            raise ConfigError(f"{source}: unknown key '{dotted}'; known keys here: {', '.join(sorted(map(str, base)))}.")
+        if isinstance(base[key], dict) and dotted not in FREE_MAPPINGS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{dotted}' must be a mapping of settings, not {value!r}.")
-            _merge(default, value, source, dotted + ".")
+            _merge(base[key], value, source, origins, dotted + ".")
             continue
-        template = DEFAULTS
-        for part in dotted.split("."):
-            template = template[part]
-        if isinstance(template, float) and isinstance(value, str):
-            try:  # YAML 1.1 reads '1e-3' as a string
-                value = float(value)
-            except ValueError:
-                pass
-        if not _type_ok(dotted, template, value):
-            expected = (" or ".join(t.__name__ for t in UNION_TYPES.get(dotted, OPTIONAL_TYPES.get(dotted, ())))
-                        or type(template).__name__)
-            raise ConfigError(f"{source}: '{dotted}' must be {expected}, got {value!r}.")
-        base[key] = float(value) if isinstance(template, float) else value
+        if dotted in FREE_MAPPINGS and isinstance(value, dict) and isinstance(base[key], dict):
+            value = {**base[key], **value}
+        base[key] = value
+        origins[dotted] = source
 
 
 def _get(cfg, dotted):
@@ -293,86 +366,86 @@ def _get(cfg, dotted):
     return node
 
 
-def _validate(cfg, source):
-    for key, choices in CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}, got {_get(cfg, key)!r}.")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{source}: '{key}' must not be negative, got {_get(cfg, key)!r}.")
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{source}: '{key}' must be positive, got {_get(cfg, key)!r}.")
+def _set(cfg, dotted, value):
+    *sections, leaf = dotted.split(".")
+    node = cfg
+    for section in sections:
+        node = node[section]
+    node[leaf] = value
+
+
+def shown(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_value(key, value, source):
+    """The value as stored, or a ConfigError naming the key, the value, what is allowed and the source."""
+    allowed = SETTINGS[key][1]
+    try:
+        return allowed.clean(value)
+    except ValueError:
+        raise ConfigError(f"{source}: '{key}' is {shown(value)}, but it must be {allowed.text}.") from None
+
+
+def _check_values(cfg, origins):
+    for key in SETTINGS:
+        _set(cfg, key, check_value(key, _get(cfg, key), origins.get(key, "the defaults")))
+
+
+def _check_together(cfg, origins):
+    """Rules between settings; the message names the source of each setting involved."""
+    def where(*keys):
+        sources = list(dict.fromkeys(origins.get(key, "the defaults") for key in keys))
+        if len(sources) == 1:
+            return sources[0]
+        return "; ".join(f"{key} from {origins.get(key, 'the defaults')}" for key in keys)
+
     classes, palette = cfg["data"]["classes"], cfg["data"]["palette"]
-    if len(classes) < 2:
-        raise ConfigError(f"{source}: 'data.classes' needs at least two classes, got {classes!r}.")
-    if len(palette) != len(classes) or any(len(c) != 3 for c in palette):
-        raise ConfigError(f"{source}: 'data.palette' needs one [R, G, B] colour per class "
-                          f"({len(classes)} classes, {len(palette)} colours).")
+    if len(palette) != len(classes):
+        raise ConfigError(f"{where('data.palette', 'data.classes')}: 'data.palette' needs one [R, G, B] colour per "
+                          f"class ({len(classes)} classes, {len(palette)} colours).")
     for key in ("postprocess.fill_holes", "stage1.pseudo_mask_fill_holes"):
         unknown = [name for name in _get(cfg, key) if name not in classes]
         if unknown:
-            raise ConfigError(f"{source}: '{key}' names {unknown}, which are not in data.classes {classes}.")
+            raise ConfigError(f"{where(key, 'data.classes')}: '{key}' names {unknown}, which are not in "
+                              f"data.classes {classes}.")
     background = cfg["data"]["background"]
     if background is not None and background not in classes:
-        raise ConfigError(f"{source}: 'data.background' is {background!r}, which is not in data.classes {classes}; "
-                          "name the background class, or set it to null when every class is a tissue.")
+        raise ConfigError(f"{where('data.background', 'data.classes')}: 'data.background' is {background!r}, which "
+                          f"is not in data.classes {classes}; name the background class, or set it to null when "
+                          "every class is a tissue.")
     if background is not None and background in cfg["postprocess"]["fill_holes"]:
-        raise ConfigError(f"{source}: 'postprocess.fill_holes' names the background class {background!r}.")
+        raise ConfigError(f"{where('postprocess.fill_holes')}: 'postprocess.fill_holes' names the background class "
+                          f"{background!r}.")
     splits = cfg["data"]["test_splits"]
-    if any(not isinstance(s, str) or not s or s in ("train", "val") or "/" in s for s in splits) \
-            or len(set(splits)) != len(splits):
-        raise ConfigError(f"{source}: 'data.test_splits' must list distinct folder names under data.root other "
-                          f"than train and val, got {splits!r}.")
-    for key in ("stage1.head_weights", "stage1.cam_weights"):
-        if len(_get(cfg, key)) != 3:
-            raise ConfigError(f"{source}: '{key}' needs three numbers, one per classifier head.")
-    if len(cfg["stage1"]["out_indices"]) != 3:
-        raise ConfigError(f"{source}: 'stage1.out_indices' needs three stage indices.")
-    _validate_encoder_settings(cfg, source)
-    if cfg["stage1"]["background_cam_scale"] != 1 and background is None:
-        raise ConfigError(f"{source}: 'stage1.background_cam_scale' weighs the background class, but "
-                          "'data.background' is null; leave it at 1.")
-    for key in ("stage1.hed_jitter", "stage1.color_jitter", "stage2.hed_jitter", "stage2.color_jitter",
-                "stage2.ema_decay", "stage2.scale_jitter", "stage1.pseudo_mask_ignore_margin"):
-        if not 0 <= _get(cfg, key) < 1:
-            raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")
-    for key in ("stage2.overlap", "inference.overlap"):
-        if _get(cfg, key) is not None and not 0 <= _get(cfg, key) < 1:
-            raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {_get(cfg, key)!r}.")
-    mpp = cfg["data"]["mpp"]
-    if mpp is not None and not mpp > 0:
-        raise ConfigError(f"{source}: 'data.mpp' must be a positive number of microns per pixel, or null when "
-                          f"unknown; got {mpp!r}.")
-    if cfg["inference"]["window"] is not None and cfg["inference"]["window"] <= 0:
-        raise ConfigError(f"{source}: 'inference.window' must be positive, got {cfg['inference']['window']!r}.")
-
-
-def _validate_encoder_settings(cfg, source):
-    from utils.timm_settings import model_kwargs
-    for key in ("data.mean", "data.std"):
-        value = _get(cfg, key)
-        if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                              for v in value)):
-            raise ConfigError(f"{source}: '{key}' needs three numbers (R, G, B) or null, got {value!r}.")
-    if cfg["data"]["std"] is not None and min(cfg["data"]["std"]) <= 0:
-        raise ConfigError(f"{source}: 'data.std' must be positive, got {cfg['data']['std']!r}.")
-    blocks = cfg["stage1"]["vit_blocks"]
-    if blocks is not None and (len(blocks) != 3 or not all(isinstance(b, int) and not isinstance(b, bool)
-                                                            for b in blocks)):
-        raise ConfigError(f"{source}: 'stage1.vit_blocks' needs three block indices or null, got {blocks!r}.")
-    for key in ("stage1.layer_decay", "stage2.layer_decay"):
-        if not 0 < _get(cfg, key) <= 1:
-            raise ConfigError(f"{source}: '{key}' must be in (0, 1] (1: off), got {_get(cfg, key)!r}.")
+    if any(s in ("train", "val") or "/" in s or "\\" in s for s in splits):
+        raise ConfigError(f"{where('data.test_splits')}: 'data.test_splits' must list folder names under data.root "
+                          f"other than train and val, got {splits!r}.")
     titles = cfg["data"]["split_titles"]
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in titles.items()):
-        raise ConfigError(f"{source}: 'data.split_titles' maps split folders to names, e.g. {{test: Test A}}; "
-                          f"got {titles!r}.")
+        raise ConfigError(f"{where('data.split_titles')}: 'data.split_titles' maps split folders to names, e.g. "
+                          f"{{test: Test A}}; got {titles!r}.")
+    if cfg["stage1"]["background_cam_scale"] != 1 and background is None:
+        raise ConfigError(f"{where('stage1.background_cam_scale', 'data.background')}: "
+                          "'stage1.background_cam_scale' weighs the background class, but 'data.background' is "
+                          "null; leave it at 1.")
+    smallest = min(cfg["stage1"]["cam_scales"]) * cfg["stage1"]["image_size"]
+    if smallest < 8:
+        raise ConfigError(f"{where('stage1.cam_scales', 'stage1.image_size')}: 'stage1.cam_scales' "
+                          f"{cfg['stage1']['cam_scales']} shows the {cfg['stage1']['image_size']} px tiles at "
+                          f"{smallest:g} px, less than the classifier's stride of 8 px; use scales of at least "
+                          f"{8 / cfg['stage1']['image_size']:.3g}.")
+    if cfg["stage2"]["epochs"] == 0 and cfg["stage2"]["init_from"] is None:
+        raise ConfigError(f"{where('stage2.epochs', 'stage2.init_from')}: 'stage2.epochs' is 0, which only scores "
+                          "the model stage2.init_from names, and stage2.init_from is null; set stage2.epochs above "
+                          "0 to train one, or stage2.init_from to a stage-2 model file.")
+    from utils.timm_settings import model_kwargs
     for key in MODEL_KWARGS:
         try:
             model_kwargs(_get(cfg, key), key)
         except ConfigError as error:
-            raise ConfigError(f"{source}: {error}") from None
+            raise ConfigError(f"{where(key)}: {error}") from None
 
 
 def parse_override(text):
@@ -396,6 +469,8 @@ def _config_layers(path, seen=()):
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]}).") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read as a text file ({type(error).__name__}).") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings.")
     base = loaded.pop("base", None)
@@ -410,20 +485,28 @@ def _config_layers(path, seen=()):
 
 
 def load_config(path=None, overrides=()):
-    """Defaults <- YAML file <- overrides; validated; returns a Config."""
-    cfg = copy.deepcopy(DEFAULTS)
+    """Defaults <- YAML file <- overrides; every value checked; returns a Config.
+
+    An override is "key=value" (shown as `--set key=value` in messages) or a pair ("key=value", how the user
+    wrote it, such as "--stage1-epochs 0")."""
+    cfg, origins = copy.deepcopy(DEFAULTS), {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pick one in configs/.")
         layers = _config_layers(path)
         for source, loaded in layers:
-            _merge(cfg, loaded, source)
+            _merge(cfg, loaded, source, origins)
         cfg["name"] = layers[-1][1].get("name", path.stem)  # a base file's name is not inherited
-    for text in overrides:
-        _merge(cfg, parse_override(text), f"--set {text}")
-    _validate(cfg, str(path) if path else "config")
-    return _wrap(cfg)
+        origins["name"] = str(path)
+    for override in overrides:
+        text, source = override if isinstance(override, tuple) else (override, f"--set {override}")
+        _merge(cfg, parse_override(text), source, origins)
+    _check_values(cfg, origins)
+    _check_together(cfg, origins)
+    config = _wrap(cfg)
+    object.__setattr__(config, "_origins", origins)  # an attribute, not a setting: never saved
+    return config
 
 
 def save_config(cfg, path):

@@ -27,6 +27,20 @@ def atomic_path(path):
         raise
 
 
+def folder_problem(path):
+    """Why files cannot be written under the folder `path`, or None: a file stands where it or a folder above it
+    would be, or the nearest existing folder above it cannot be written."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                return f"{candidate} is a file, not a folder" if candidate.exists() else f"{candidate} is a broken link"
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                return f"{candidate} cannot be written to"
+            return None
+    return None
+
+
 def write_text(path, text):
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")

@@ -6,11 +6,14 @@ hard-codes a GPU or reads torchrun's environment.
 import contextlib
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from utils.config import ConfigError, source_of
 
 
 @dataclass
@@ -66,7 +69,7 @@ class Runtime:
                 dist.broadcast(buffer, src=0)
 
 
-def _pick_device(requested, local_rank):
+def _pick_device(requested, local_rank, source):
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
@@ -76,26 +79,44 @@ def _pick_device(requested, local_rank):
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device '{requested}' was asked for but no CUDA GPU is visible; "
-                               "use --set device=cpu.")
+            raise ConfigError(f"{source}: 'device' is {requested!r}, but no CUDA GPU is visible; use cpu or auto.")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{source}: 'device' is {requested!r}, but this machine shows "
+                              f"{torch.cuda.device_count()} GPU(s), numbered from 0; use cuda, auto or cpu.")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"{source}: 'device' is 'mps', but Apple's GPU is not available here; use cpu or auto.")
     return device
 
 
-def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX: the x86 instructions that make bf16 convolutions faster than fp32 on a CPU."""
+def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
+    """AVX512-BF16 or AMX (x86), or Arm's BF16 extension: the instructions that make bf16 convolutions faster
+    than fp32 on a CPU. Read from /proc/cpuinfo's flags where it exists, else asked of torch."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            flags = {flag for line in handle if line.lower().startswith(("flags", "features"))
+                     for flag in line.split(":", 1)[-1].split()}
+    except OSError:
+        flags = None
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(check() for check in checks if check is not None)
 
 
-def _pick_precision(requested, device):
+def _pick_precision(requested, device, source):
     if requested == "fp32" or (requested == "auto" and device.type != "cuda"):
         return None
+    if device.type == "cpu" and requested == "fp16":
+        raise ConfigError(f"{source}: 'precision' is 'fp16', which a CPU runs many times slower than fp32 (it has no "
+                          "fp16 kernels to speak of); use fp32, or bf16 on a CPU with native bf16 (AVX512-BF16 or "
+                          "AMX).")
     if requested == "bf16":
         if device.type == "cpu" and not cpu_has_native_bf16():
-            print("warning: precision=bf16 on a CPU without AVX512-BF16 or AMX is emulated and may run slower "
-                  "than fp32; set precision=fp32 if it does.", flush=True)
+            print("warning: precision bf16 on this CPU, which has no native bf16 (AVX512-BF16 or AMX), is emulated "
+                  "and many times slower than fp32; --set precision=fp32 runs at full speed.", file=sys.stderr,
+                  flush=True)
         return torch.bfloat16
     if requested == "fp16":
         return torch.float16
@@ -113,7 +134,7 @@ def setup_runtime(cfg, device=None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = _pick_device(device or cfg.device, local_rank)
+    chosen = _pick_device(device or cfg.device, local_rank, "the command line" if device else source_of(cfg, "device"))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         if chosen.type == "cuda":
@@ -129,7 +150,7 @@ def setup_runtime(cfg, device=None):
         if chosen.type == "cpu":
             workers = min(workers, 2)
     seed_everything(cfg.seed + rank)
-    precision = _pick_precision(cfg.precision, chosen)
+    precision = _pick_precision(cfg.precision, chosen, source_of(cfg, "precision"))
     # Graphs need one process (DDP's gradient hooks are not captured), no loss scaling (the scaler reads
     # the gradients on the host) and no torch.compile (which brings its own).
     graphs = (cfg.cuda_graphs and chosen.type == "cuda" and world_size == 1 and precision != torch.float16
@@ -175,11 +196,12 @@ def cleanup(runtime, wait_for_all=True):
 
 
 def start_run(cfg, runtime, stage):
-    """The run folder with the resolved config in it; the demo data made first when the config asks."""
-    from utils.config import run_dir, save_config
-    out_dir = run_dir(cfg, stage)
+    """The run folder, checked to be writable; the demo data made first when the config asks. The folder's
+    config.yaml is written later, with the run's first own output (utils/run_folder.py)."""
+    from utils.run_folder import announce_rerun, check_output_folder
+    out_dir = check_output_folder(cfg, stage)
     if runtime.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+        announce_rerun(out_dir)
         if cfg.data.demo:
             from utils.data.demo_data import ensure_demo_dataset
             ensure_demo_dataset(cfg)

@@ -3,7 +3,7 @@ expect, and sizes checked against a Vision Transformer's patch."""
 import functools
 import re
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, source_of
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -90,10 +90,10 @@ def check_patch_multiple(value, multiple, setting, name):
 
 class NetworkFacts:
     """What a script checks before it builds a stage's timm network: the kwargs as timm takes them, whether
-    it is a Vision Transformer, its patch size and depth."""
+    it is a Vision Transformer, its patch size and depth, and a convolutional network's number of feature stages."""
 
-    def __init__(self, kwargs, vit, patch=1, depth=0):
-        self.kwargs, self.vit, self.patch, self.depth = kwargs, vit, patch, depth
+    def __init__(self, kwargs, vit, patch=1, depth=0, stages=None):
+        self.kwargs, self.vit, self.patch, self.depth, self.stages = kwargs, vit, patch, depth, stages
 
 
 def inspect_network(cfg, stage):
@@ -107,13 +107,13 @@ def inspect_network(cfg, stage):
         return NetworkFacts(kwargs, vit=False)
     from models.timm_encoder import encoder_feature_info, is_plain_vit
     try:
-        _, model = encoder_feature_info(name, kwargs)
+        info, model = encoder_feature_info(name, kwargs)
     except TypeError as error:  # a keyword the model's class does not take
         raise ConfigError(f"'{kwargs_setting}' does not fit {name} ({str(error).splitlines()[0][:200]}).") from None
     except (ValueError, RuntimeError) as error:
         raise ConfigError(f"{setting}: {str(error).splitlines()[0]}") from None
     if not is_plain_vit(model):
-        return NetworkFacts(kwargs, vit=False)
+        return NetworkFacts(kwargs, vit=False, stages=len(info.reduction()))
     patch = model.patch_embed.patch_size
     patch = patch if isinstance(patch, int) else patch[0]
     return NetworkFacts(kwargs, vit=True, patch=patch, depth=len(model.blocks))
@@ -134,6 +134,12 @@ def check_vit_settings(cfg, stage, facts):
         except ValueError as error:
             raise ConfigError(f"'stage2.encoder_stage': {error}") from None
     if not facts.vit:
+        if stage == "stage1" and facts.stages is not None:
+            outside = [i for i in settings.out_indices if not -facts.stages <= i < facts.stages]
+            if outside:
+                raise ConfigError(f"{source_of(cfg, 'stage1.out_indices')}: 'stage1.out_indices' "
+                                  f"{list(settings.out_indices)} names stages {name} does not have: its feature "
+                                  f"stages are 0 to {facts.stages - 1} (or -1 to -{facts.stages} from the end).")
         if settings.layer_decay != 1:
             raise ConfigError(f"'{stage}.layer_decay' applies to Vision Transformers, and {name} is not one; set "
                               "it to 1.0.")

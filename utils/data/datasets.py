@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.data.imageio import (IGNORE_INDEX, DataError, decode_mask, image_size, list_images, read_mask, read_mask_raw,
-                                read_rgb)
+                                read_rgb, refuse_clashes)
 from utils.data.transforms import stain_jitter, to_tensor
 
 _LABEL_GROUP = re.compile(r"^(?P<stem>.*)\[(?P<labels>[^\[\]]*)\]$")
@@ -73,6 +73,7 @@ def train_items(root, num_classes):
                     mask = candidate
                     break
         items.append(Item(path, stem, label, mask))
+    refuse_clashes([(item.image, item.stem) for item in items], "their pseudo-masks and masks are found")
     return items
 
 
@@ -91,6 +92,7 @@ def split_items(root, split, required=True):
         # from the headers, so a mismatch stops the run before training rather than at its first evaluation
         _check_same_size(mask, image_size(mask), image_size(path))
         items.append(Item(path, path.stem, None, mask))
+    refuse_clashes([(item.image, item.stem) for item in items], "their masks and predictions are found")
     return items
 
 

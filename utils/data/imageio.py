@@ -1,4 +1,5 @@
 """Reading images and masks, writing palette PNGs and overlays, all with errors that name the file."""
+import os
 import warnings
 import zlib
 from pathlib import Path
@@ -25,11 +26,39 @@ class DataError(ValueError):
     """A problem with a user's file; the message names the file and the fix."""
 
 
+def printable(path):
+    """A path as text that can always be printed and written: bytes of a file name that are not UTF-8 (which
+    Python carries as lone surrogates) shown as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def check_name_encoding(path):
+    """A file name must be UTF-8 text: outputs, CSV and JSON name inputs by it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{printable(path)}: the file name is not valid UTF-8 text (written in another encoding); "
+                        "rename the file.") from None
+    return path
+
+
+def refuse_clashes(named, what):
+    """Stop when two inputs would share a name. `named`: (path, the name its outputs are known by) pairs, names
+    compared without regard to case (which macOS and Windows ignore); `what` says what goes by the name."""
+    seen = {}
+    for path, name in named:
+        other = seen.setdefault(str(name).casefold(), path)
+        if other != path:
+            raise DataError(f"{printable(Path(other).parent)}: {printable(Path(other).name)!r} and "
+                            f"{printable(Path(path).name)!r} share the name {printable(name)!r}, by which {what}; "
+                            "rename or remove one of them.")
+
+
 def list_images(folder, recursive=False):
     folder = Path(folder)
     pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
+    return sorted(check_name_encoding(p) for p in folder.glob(pattern) if p.is_file()
+                  and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def _open(path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.data.imageio import IMAGE_SUFFIXES, DataError, read_rgb
+from utils.data.imageio import IMAGE_SUFFIXES, DataError, check_name_encoding, read_rgb
 from utils.slides.slide import MPP_TOLERANCE, SLIDE_ONLY_SUFFIXES, is_slide
 
 # Decoding and encoding release the GIL, so reader and writer threads scale with the cores.
@@ -27,7 +27,7 @@ def find_inputs(input_path, output_dir, recursive):
     """Images and slides to segment, sorted; files inside the output folder are never inputs."""
     input_path = Path(input_path)
     if input_path.is_file():
-        return [(input_path, Path(input_path.name))]
+        return [(check_name_encoding(input_path), Path(input_path.name))]
     if not input_path.is_dir():
         raise DataError(f"--input {input_path} does not exist; pass an image, a slide or a folder of them.")
     output_dir = Path(output_dir).resolve()
@@ -42,7 +42,7 @@ def find_inputs(input_path, output_dir, recursive):
             continue
         if output_dir in path.resolve().parents:
             continue
-        found.append((path, path.relative_to(input_path)))
+        found.append((check_name_encoding(path), path.relative_to(input_path)))
     if not found:
         raise DataError(f"--input {input_path} holds no images or slides ({', '.join(sorted(suffixes))})"
                         f"{'' if recursive else '; add --recursive to search subfolders'}.")
@@ -50,17 +50,29 @@ def find_inputs(input_path, output_dir, recursive):
 
 
 def plan_jobs(found, output_dir):
-    """One job per input; inputs that would share an output name keep their extension in it."""
-    bases = {}
-    for _, relative in found:
-        key = (relative.parent / relative.stem).as_posix().lower()
-        bases[key] = bases.get(key, 0) + 1
-    jobs = []
-    for index, (path, relative) in enumerate(found):
-        clash = bases[(relative.parent / relative.stem).as_posix().lower()] > 1
-        stem = relative.name.replace(".", "_") if clash else relative.stem
-        jobs.append(Job(index, path, relative.as_posix(), Path(output_dir) / relative.parent / stem, is_slide(path)))
-    return jobs
+    """One job per input, its outputs named by its stem (in the input's subfolder, for --recursive)."""
+    return [Job(index, path, relative.as_posix(), Path(output_dir) / relative.parent / relative.stem, is_slide(path))
+            for index, (path, relative) in enumerate(found)]
+
+
+def check_outputs_apart(jobs, paths_of):
+    """Refuse inputs whose outputs would land on one file (a.png and a.jpg both make a_mask.png), or on an input,
+    before any work: otherwise one input's outputs silently replace another's. `paths_of(job)`: its output
+    paths. Names are compared without regard to case, which macOS and Windows ignore."""
+    owner = {}  # output path -> the job that writes it
+    inputs = {str(job.path.resolve()).casefold(): job for job in jobs}
+    for job in jobs:
+        for path in paths_of(job).values():
+            key = str(path.resolve()).casefold()
+            if key in owner:
+                other = owner[key]
+                who = f"{other.name!r} and {job.name!r} would both" if other is not job else f"{job.name!r} would twice"
+                raise DataError(f"--input: {who} write {path.name!r}; rename the inputs (or the model's classes), or "
+                                "segment them into separate --output folders.")
+            owner[key] = job
+            if key in inputs:
+                raise DataError(f"--input: the outputs of {job.name!r} would replace the input {inputs[key].name!r}; "
+                                "choose an --output folder apart from the inputs.")
 
 
 def image_zoom(input_mpp, analysis_mpp):

@@ -50,8 +50,9 @@ def write_manifest(folder, checkpoint_sha, config_name, classes, files, complete
                                          "complete": complete, "settings": settings})
 
 
-def check_pseudo_masks(folder, image_paths, checkpoint_sha=None, accept_foreign=False):
-    """Stage 2's guard: every training image has a pseudo-mask, made by the expected stage-1 checkpoint."""
+def check_pseudo_masks(folder, image_paths, checkpoint_sha=None, accept_foreign=False, checkpoint_path=None):
+    """Stage 2's guard: every training image has a pseudo-mask, made by the expected stage-1 checkpoint (whose
+    digest is `checkpoint_sha`; None when the run has none, at `checkpoint_path`)."""
     folder = Path(folder)
     hint = "run `python 1_train_stage1.py --config <your config>` first"
     if not folder.is_dir():
@@ -67,7 +68,12 @@ def check_pseudo_masks(folder, image_paths, checkpoint_sha=None, accept_foreign=
                         "stage2.accept_foreign_pseudo_masks=true to use them anyway.")
     if missing:
         raise DataError(f"{folder}: {len(missing)} training images have no pseudo-mask (e.g. {missing[0]}); {hint}.")
-    if checkpoint_sha is not None and manifest.get("checkpoint_sha256") != checkpoint_sha:
+    if checkpoint_sha is None:
+        raise DataError(f"{folder}: these pseudo-masks were made by stage-1 run '{manifest.get('config')}', and this "
+                        f"run has no stage-1 checkpoint ({checkpoint_path or 'none'}) that could vouch for them "
+                        f"(check name and runs_dir); {hint}, or set stage2.accept_foreign_pseudo_masks=true to use "
+                        "them anyway.")
+    if manifest.get("checkpoint_sha256") != checkpoint_sha:
         raise DataError(f"{folder}: these pseudo-masks were made by another stage-1 checkpoint; rerun stage 1's "
                         "pseudo-mask step, or set stage2.accept_foreign_pseudo_masks=true to use them anyway.")
     return manifest

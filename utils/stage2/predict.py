@@ -47,15 +47,55 @@ def segmenter_meta(cfg):
             "fill_holes": class_indices(cfg.data.classes, cfg.postprocess.fill_holes)}
 
 
+# Metadata values checked by the rules of the settings they were saved from (utils/config.py).
+META_SETTINGS = {"classes": "data.classes", "palette": "data.palette", "mean": "data.mean", "std": "data.std",
+                 "window": "stage2.window", "overlap": "stage2.overlap", "mpp": "data.mpp",
+                 "vit_block": "stage2.vit_block", "encoder_stage": "stage2.encoder_stage"}
+
+
+def check_meta(meta, path):
+    """A model file's metadata as inference trusts it: each value allowed by its setting's rule, one colour per
+    class, the background and filled classes among them. A file edited by hand fails here, not mid-run."""
+    from utils.config import SETTINGS
+
+    def refuse(what):
+        raise CheckpointError(f"{path}: its metadata holds {what}; the file was edited or damaged, so re-export it "
+                              "with 2_train_stage2.py.")
+
+    for name, setting in META_SETTINGS.items():
+        allowed = SETTINGS[setting][1]
+        value = meta.get(name, SETTINGS[setting][0])  # files from before a setting: its default
+        try:
+            allowed.clean(value)
+        except ValueError:
+            refuse(f"{name} {value!r}, where {allowed.text} belongs")
+        if value is None and name in ("mean", "std"):
+            refuse(f"no {name}")
+    classes = meta["classes"]
+    if len(meta["palette"]) != len(classes):
+        refuse(f"{len(meta['palette'])} colours for {len(classes)} classes")
+    in_range = [None, *range(len(classes))]
+    if meta.get("background", 0) not in in_range or isinstance(meta.get("background"), bool):
+        refuse(f"background {meta.get('background')!r}, which is no class index (0 to {len(classes) - 1}) or null")
+    fill = meta.get("fill_holes", [])
+    if not isinstance(fill, list) or any(index not in in_range[1:] or isinstance(index, bool) for index in fill):
+        refuse(f"fill_holes {fill!r}, which are not all class indices (0 to {len(classes) - 1})")
+    if not isinstance(meta["encoder"], str) or not meta["encoder"]:
+        refuse(f"encoder {meta['encoder']!r}")
+
+
 def load_segmenter(path, device):
     """A DPR model and its metadata from a stage-2 .pth or .safetensors file of this project."""
     from models.dpr import DPR
     payload = load_checkpoint(path, STAGE2_FORMAT)
     meta = payload.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata is not a mapping; re-export it with 2_train_stage2.py.")
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: a stage-2 file without {', '.join(missing)} in its metadata; "
                               "re-export it with 2_train_stage2.py.")
+    check_meta(meta, path)
     from utils.config import ConfigError
     from utils.timm_settings import model_kwargs
 
