@@ -184,8 +184,8 @@ def write_tiles(folder, count, size, labelled):
 
 
 def bench_pseudo_masks(cfg, runtime, s, model, workdir):
-    stage1 = importlib.import_module("1_train_stage1")
     from utils.data.datasets import train_items
+    from utils.stage1.mask_writing import write_pseudo_masks
     root = workdir / "cam"
     write_tiles(root / "train" / "img", s["cam_tiles"], s["cam_tile_size"], labelled=True)
     cfg.data.root = str(root)
@@ -194,10 +194,10 @@ def bench_pseudo_masks(cfg, runtime, s, model, workdir):
     items = train_items(root, len(cfg.data.classes))
     model.eval()
     reset_memory(runtime.device)
-    stage1.write_pseudo_masks(cfg, model, items[:s["cam_batch"]], runtime, "warmup", overwrite=True)
+    write_pseudo_masks(cfg, model, items[:s["cam_batch"]], runtime, "warmup", overwrite=True)
     synchronize(runtime.device)
     started = time.perf_counter()
-    stage1.write_pseudo_masks(cfg, model, items, runtime, "bench", overwrite=True)
+    write_pseudo_masks(cfg, model, items, runtime, "bench", overwrite=True)
     synchronize(runtime.device)
     seconds = time.perf_counter() - started
     written = len(list((root / "train" / "pseudo_mask").glob("*.png")))

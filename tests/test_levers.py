@@ -160,12 +160,10 @@ def test_ignore_margin_marks_only_pixels_whose_top_two_votes_are_close(tmp_path)
 def test_whole_image_pseudo_masks_leave_unsure_pixels_unlabelled_but_keep_filled_lumens(tmp_path, capsys):
     """A gland ring around a lumen, stitched from two patches: filling makes the lumen gland; with a margin,
     pixels whose two votes are close become ignore, except the filled lumen; the log says how many."""
-    import importlib
-
     from utils.config import load_config
     from utils.data.imageio import read_mask
     from utils.runtime import Runtime
-    stage1 = importlib.import_module("1_train_stage1")
+    from utils.stage1.mask_writing import write_whole_images
     items = []
     for x in (0, 4):
         path = save_png(tmp_path / "train" / "img" / f"im_0_{x}[1, 1].png", np.full((8, 8, 3), 200, np.uint8))
@@ -183,7 +181,7 @@ def test_whole_image_pseudo_masks_leave_unsure_pixels_unlabelled_but_keep_filled
         stitcher = VoteStitcher(items, 2)
         for item, x in zip(items, (0, 4)):
             stitcher.add(item, np.stack([background, gland])[:, :, x:x + 8])
-        stage1.write_whole_images(cfg, stitcher, cpu, "sha")
+        write_whole_images(cfg, stitcher, cpu, "sha")
         mask = read_mask(tmp_path / "train" / "pseudo_mask" / "whole" / "mask" / "im.png", "index", 2)
         assert (mask[3:5, 4:8] == 1).all() and (mask[2, 2:10] == 1).all() and (mask[7] == 0).all()
         assert (mask[1, 2:10] == (IGNORE_INDEX if margin else 1)).all()

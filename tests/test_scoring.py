@@ -17,6 +17,8 @@ from utils.evaluation.metrics import confusion_matrix, scores
 from utils.evaluation.postprocess import fill_holes_with_probabilities
 from utils.runtime import Runtime
 from utils.stage1.cam import cams_to_masks, claim_unclaimed
+from utils.stage1.class_maps import class_maps, network_input
+from utils.stage1.scoring import score_whole_images
 from utils.stage2.losses import IICBLoss, soft_dice_loss
 from utils.timm_settings import resolve_normalisation
 
@@ -55,7 +57,6 @@ def write_split(folder, truth):
 
 
 def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
-    stage1 = load_script("1_train_stage1")
     truth = np.zeros((8, 8), np.uint8)
     truth[:, 4:] = 1
     truth[0, 0] = IGNORE_INDEX
@@ -64,7 +65,7 @@ def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
     resolve_normalisation(cfg, "stage1")
     # Every predicted label is under the threshold: once "ignore" everywhere and left out of the score.
     quiet = CamStub(torch.rand(1, 2, 8, 8), torch.full((1, 2), -5.0))
-    raw, cleaned = stage1.score_whole_images(cfg, quiet, items, CPU, (8, 8))
+    raw, cleaned = score_whole_images(cfg, quiet, items, CPU, (8, 8))
     assert raw.sum() == 63 and cleaned is None
     assert raw[:, 0].sum() == 63  # nothing claimed: predicted as background, the gland pixels missed
 
@@ -74,7 +75,7 @@ def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
     resolve_normalisation(cfg, "stage1")
     maps = torch.zeros(1, 3, 8, 8)
     maps[0, 1, :, 4:] = 1.0  # class b lights up its half; class a nowhere
-    raw, _ = stage1.score_whole_images(cfg, CamStub(maps, torch.tensor([[3.0, 3.0, -3.0]])), items, CPU, (8, 8))
+    raw, _ = score_whole_images(cfg, CamStub(maps, torch.tensor([[3.0, 3.0, -3.0]])), items, CPU, (8, 8))
     assert raw.sum() == 63 and raw[0, 3] == 31  # class a's pixels: unclaimed, counted as misses
     assert scores(raw)["iou"][0] == 0.0
 
@@ -99,7 +100,6 @@ class TileTrainedStub(nn.Module):
 def test_whole_images_are_scored_over_tiles_of_the_training_size(tmp_path):
     """The same network scores a whole image well over its tiles and badly in one pass: the figure no longer
     depends on how the network copes with inputs larger than its training tiles."""
-    stage1 = load_script("1_train_stage1")
     truth = np.zeros((40, 52), np.uint8)
     truth[4:20, 6:30] = 1
     image = np.where(truth[..., None] == 1, 230, 20).astype(np.uint8).repeat(3, axis=2)
@@ -109,11 +109,11 @@ def test_whole_images_are_scored_over_tiles_of_the_training_size(tmp_path):
     cfg = load_config(None, ["stage1.cam_flip=false", "stage1.image_size=16", "stage1.cam_batch_size=5"])
     resolve_normalisation(cfg, "stage1")
     model = TileTrainedStub(16)
-    tiled, _ = stage1.score_whole_images(cfg, model, items, CPU, (16, 16))
+    tiled, _ = score_whole_images(cfg, model, items, CPU, (16, 16))
     assert scores(tiled)["miou"] > 0.95
     # The image in one pass at the training zoom, as whole images were scored before: no gland anywhere.
-    whole = stage1.network_input(image, 1.0, cfg.data.mean, cfg.data.std)[None]
-    maps, labels = stage1.class_maps(model, whole, truth.shape, None, cfg.stage1, CPU)
+    whole = network_input(image, 1.0, cfg.data.mean, cfg.data.std)[None]
+    maps, labels = class_maps(model, whole, truth.shape, None, cfg.stage1, CPU)
     one_pass = cams_to_masks(maps, labels, 0)[0].numpy()
     assert labels[0].tolist() == [1.0, 0.0] and scores(confusion_matrix(one_pass, truth, 2))["iou"][1] == 0.0
 
