@@ -84,3 +84,17 @@ def test_the_kept_epoch_is_the_best_one_or_the_last(tmp_path):
     assert report.kept_epoch(last / "stage2", rows) == (4, ", the last")
     unknown = make_run(tmp_path / "unknown", STAGE1, STAGE2, best_epoch=None)
     assert report.kept_epoch(unknown / "stage2", rows) == (None, "")
+
+
+def test_a_stage_without_scores_gets_no_score_axis():
+    """A final model trained without val images logs no val mIoU: its panel has the loss axis only."""
+    from matplotlib.figure import Figure
+
+    from utils.curves import Panel, draw_panel
+    rows = [{"epoch": str(e), "loss": str(1.0 / e), "val_miou": ""} for e in (1, 2, 3)]
+    for scored, expected_axes in ((False, 1), (True, 2)):
+        if scored:
+            rows = [dict(row, val_miou=str(0.5 + 0.1 * i)) for i, row in enumerate(rows)]
+        figure = Figure()
+        draw_panel(figure.subplots(), Panel("stage 2: DPR", rows, "val_miou", "val mIoU", 3, ", the last"))
+        assert len(figure.axes) == expected_axes

@@ -37,12 +37,12 @@ def draw_panel(axes, panel):
     axes.set(title=panel.title, xlabel="epoch", ylabel="loss")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
-    score_axes = axes.twinx()  # scores are fractions in [0, 1], losses are not: each keeps its own scale
     score_epochs, scores = series(panel.rows, panel.score_column)
-    if scores:
+    if scores:  # a run without val images has no score column: no empty score axis either
+        score_axes = axes.twinx()  # scores are fractions in [0, 1], losses are not: each keeps its own scale
         lines += score_axes.plot(score_epochs, scores, "s-", color=SCORE_COLOUR, markersize=3,
                                  label=panel.score_label)
-    score_axes.set(ylabel=panel.score_label, ylim=(0, 1.02))
+        score_axes.set(ylabel=panel.score_label, ylim=(0, 1.02))
     if panel.kept_epoch is not None:
         lines.append(axes.axvline(panel.kept_epoch, color=KEPT_COLOUR, linestyle="--", linewidth=1,
                                   label=f"kept: epoch {panel.kept_epoch}{panel.kept_note}"))
