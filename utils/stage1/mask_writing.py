@@ -73,6 +73,8 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
     loader = DataLoader(dataset, batch_size=s1.cam_batch_size, **loader_options(runtime, train=False))
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     samples = []
+    background = background_index(classes, cfg.data.background)
+    fill = class_indices(classes, s1.pseudo_mask_fill_holes)
     model.eval()
     with BackgroundWriter() as writer:
         for images, labels, sizes, indices in tqdm(loader, desc="pseudo-masks", disable=not runtime.is_main):
@@ -83,10 +85,8 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
                                      labels, s1, runtime)
             except torch.OutOfMemoryError:
                 raise TrainingError(out_of_memory_message("stage1.cam_batch_size")) from None
-            background = background_index(classes, cfg.data.background)
             masks = cams_to_masks(cams, labels, background, s1.background_cam_scale)
             heat = heatmap_of(cams, labels, background)
-            fill = class_indices(classes, s1.pseudo_mask_fill_holes)
             masks, heat = masks.cpu().numpy(), heat.cpu().numpy()
             votes = patch_votes(cams, labels.to(cams.device)).cpu().numpy() if stitcher else None
             for row, index in enumerate(indices.tolist()):
