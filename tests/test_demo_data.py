@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.config import DEFAULTS, load_config
+from utils.config import load_config
 from utils.data.demo_data import MARKER, ensure_demo_dataset, generate_demo_dataset, target_root
+from utils.settings import DEFAULTS
 
 PALETTE = DEFAULTS["data"]["palette"]
 SMALL = {"train_images": 24, "val_images": 2, "test_images": 2, "tile_size": 64, "test_size": [96, 80],

@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from utils.config import DEFAULTS, FREE_MAPPINGS
+from utils.settings import DEFAULTS, FREE_MAPPINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

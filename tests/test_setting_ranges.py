@@ -2,13 +2,14 @@
 key, the value, what is allowed and where the value came from; the device and precision are decided in one
 place, which refuses what cannot run well.
 
-The walk below covers every numeric setting of utils/config.py's SETTINGS, those added later included."""
+The walk below covers every numeric setting of utils/settings.py's SETTINGS, those added later included."""
 import pytest
 import yaml
 
 from conftest import ROOT, load_script, one_line_error, tiny_demo_args
 from utils.cli import run_main
-from utils.config import SETTINGS, ConfigError, load_config
+from utils.config import ConfigError, load_config
+from utils.settings import SETTINGS
 
 NUMERIC = [key for key, (_, allowed) in SETTINGS.items() if allowed.numeric]
 EXTREMES = (0, -1, -0.5, 10**12, 1e300, 10**400)

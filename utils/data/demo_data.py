@@ -473,7 +473,7 @@ def ensure_demo_dataset(cfg):
 if __name__ == "__main__":
     import argparse
 
-    from utils.config import DEFAULTS
+    from utils.settings import DEFAULTS
 
     parser = argparse.ArgumentParser(description="Write the synthetic demo data set and a preview sheet.")
     parser.add_argument("--root", default=DEFAULTS["data"]["root"], help="output folder (default: %(default)s)")

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint
 from utils.config import background_index
+from utils.settings import SETTINGS
 from utils.data.transforms import normalize_batch
 from utils.evaluation.postprocess import class_indices
 from utils.stage2.sliding_window import sliding_window_logits
@@ -47,7 +48,7 @@ def segmenter_meta(cfg):
             "fill_holes": class_indices(cfg.data.classes, cfg.postprocess.fill_holes)}
 
 
-# Metadata values checked by the rules of the settings they were saved from (utils/config.py).
+# Metadata values checked by the rules of the settings they were saved from (utils/settings.py).
 META_SETTINGS = {"classes": "data.classes", "palette": "data.palette", "mean": "data.mean", "std": "data.std",
                  "window": "stage2.window", "overlap": "stage2.overlap", "mpp": "data.mpp",
                  "vit_block": "stage2.vit_block", "encoder_stage": "stage2.encoder_stage"}
@@ -56,8 +57,6 @@ META_SETTINGS = {"classes": "data.classes", "palette": "data.palette", "mean": "
 def check_meta(meta, path):
     """A model file's metadata as inference trusts it: each value allowed by its setting's rule, one colour per
     class, the background and filled classes among them. A file edited by hand fails here, not mid-run."""
-    from utils.config import SETTINGS
-
     def refuse(what):
         raise CheckpointError(f"{path}: its metadata holds {what}; the file was edited or damaged, so re-export it "
                               "with 2_train_stage2.py.")
