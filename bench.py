@@ -19,17 +19,13 @@ import argparse
 import csv
 import gc
 import importlib
-import math
 import platform
 import sys
 import tempfile
 import time
 import traceback
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import yaml
@@ -281,78 +277,13 @@ def bench_vit(name, common, runtime, s):
 
 
 # ----- (e) a whole slide --------------------------------------------------------------------------------
-def tissue_layout(size, fraction, rng, cell=64):
-    """Where the tissue lies: one value per `cell` level-0 pixels, above 0.5 on tissue. Ellipses of tissue are
-    added until they cover `fraction` of the slide."""
-    cells = math.ceil(size / cell)
-    layout = np.zeros((cells, cells), np.float32)
-    while (layout > 0.5).mean() < fraction:
-        centre = tuple(int(v) for v in rng.uniform(0.1, 0.9, 2) * cells)
-        axes = tuple(int(v) for v in rng.uniform(0.04, 0.12, 2) * cells + 1)
-        cv2.ellipse(layout, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
-    return cv2.GaussianBlur(layout, (0, 0), 1.5)
-
-
-def level_tiles(height, width, downsample, layout, texture, tile, cell=64, glass=241):
-    """Yield the deflate-compressed tiles of one level, row by row, compressed on threads.
-
-    Tissue is the texture repeated (each level holds it area-averaged, so levels agree) wherever the layout
-    says tissue; glass elsewhere. Tiles wholly on glass share one compressed tile.
-    """
-    period = texture.shape[0]
-    blank = zlib.compress(np.full((tile, tile, 3), glass, np.uint8).tobytes(), 1)
-    steps = np.arange(tile, dtype=np.float32)
-
-    def one(corner):
-        x0, y0 = corner
-        # layout coordinates of this tile's pixel centres
-        xs = ((x0 + steps + 0.5) * downsample / cell - 0.5).astype(np.float32)
-        ys = ((y0 + steps + 0.5) * downsample / cell - 0.5).astype(np.float32)
-        near = layout[max(0, int(ys[0]) - 1):int(ys[-1]) + 3, max(0, int(xs[0]) - 1):int(xs[-1]) + 3]
-        if near.size == 0 or near.max() <= 0.5:
-            return blank
-        map_x, map_y = np.meshgrid(xs, ys)
-        inside = cv2.remap(layout, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) > 0.5
-        rows, columns = (y0 + np.arange(tile)) % period, (x0 + np.arange(tile)) % period
-        pixels = np.where(inside[..., None], texture[np.ix_(rows, columns)], np.uint8(glass))
-        return zlib.compress(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), 1)
-
-    with ThreadPoolExecutor(8) as pool:
-        for y0 in range(0, height, tile):
-            yield from pool.map(one, [(x0, y0) for x0 in range(0, width, tile)])
-
-
-def write_bench_slide(path, size, texture, seed=0):
-    """A pyramidal tiled TIFF that OpenSlide reads like a scanner's file: `size` px square at SLIDE['mpp'],
-    levels SLIDE['level_factor'] times smaller each, about SLIDE['tissue'] of it tissue. Tiles are made and
-    compressed one at a time, so a 40,000 px slide needs little memory."""
-    import tifffile
-    rng = np.random.default_rng(seed)
-    layout = tissue_layout(size, SLIDE["tissue"], rng)
-    tile, factor = SLIDE["tile"], SLIDE["level_factor"]
-    sides = [size]
-    while sides[-1] // factor >= tile:
-        sides.append(sides[-1] // factor)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tifffile.TiffWriter(path, bigtiff=size * size * 3 > 2 ** 31) as tif:
-        for index, side in enumerate(sides):
-            downsample = size / side
-            small = max(1, round(texture.shape[0] / downsample))
-            level_texture = texture if index == 0 else cv2.resize(texture, (small, small), interpolation=cv2.INTER_AREA)
-            per_centimetre = 1e4 / (SLIDE["mpp"] * downsample)
-            tif.write(level_tiles(side, side, downsample, layout, level_texture, tile),
-                      shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                      compression="zlib", subfiletype=1 if index else 0, metadata=None,
-                      resolution=(per_centimetre, per_centimetre), resolutionunit="CENTIMETER")
-    return float((layout > 0.5).mean())
-
-
 def bench_slide(cfg, runtime, s, model, workdir):
     """One generated slide: model-only tiles/s on its tissue tiles (before and after), and end to end."""
     from utils.checkpoint import STAGE2_FORMAT, save_checkpoint
     from utils.cuda_graphs import GraphedForward
     from utils.data.demo_data import render_tissue
     from utils.slides.slide import Slide, choose_resolution, plan_tiles, read_tile_batches
+    from utils.slides.synthetic import write_synthetic_slide
     from utils.stage2.predict import load_segmenter, segmenter_meta
     inference = importlib.import_module("inference")
     cfg.stage2.encoder = s["stage2_encoder"]
@@ -363,8 +294,9 @@ def bench_slide(cfg, runtime, s, model, workdir):
 
     started = time.perf_counter()
     texture, _ = render_tissue(np.random.default_rng(0), SLIDE["texture"], SLIDE["texture"], "glands")
-    tissue = write_bench_slide(workdir / "slide" / "bench.tif", s["slide_size"], texture)
-    write_bench_slide(workdir / "slide_warmup" / "warmup.tif", SLIDE["warmup_size"], texture, seed=1)
+    scan = {key: SLIDE[key] for key in ("mpp", "tissue", "tile", "level_factor")}
+    tissue = write_synthetic_slide(workdir / "slide" / "bench.tif", s["slide_size"], texture, **scan)
+    write_synthetic_slide(workdir / "slide_warmup" / "warmup.tif", SLIDE["warmup_size"], texture, **scan, seed=1)
     generated = time.perf_counter() - started
     batch = s["infer_batch"]
 

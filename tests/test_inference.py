@@ -14,7 +14,8 @@ from models.dpr import DPR
 from utils.checkpoint import CheckpointError
 from utils.cli import run_main
 from utils.runtime import Runtime
-from utils.slides.slide import Resolution, is_slide, mask_to_geojson, segment_slide, tile_grid
+from utils.slides.exports import mask_to_geojson
+from utils.slides.slide import Resolution, is_slide, segment_slide, tile_grid
 from utils.stage2.predict import load_segmenter, predict_logits
 
 ENCODER = "resnet10t"

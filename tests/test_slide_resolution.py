@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import inference
-from utils.slides.slide import Resolution, choose_resolution, segment_slide, write_mask_tiff
+from utils.slides.exports import write_mask_tiff
+from utils.slides.slide import Resolution, choose_resolution, segment_slide
 
 WINDOW = 64
 CLASSES = ["background", "gland"]

@@ -8,7 +8,7 @@ from PIL import Image
 
 from utils.data.imageio import overlay, write_palette_png, write_rgb
 from utils.files import atomic_path, write_text
-from utils.slides.slide import mask_to_geojson, write_mask_tiff
+from utils.slides.exports import mask_to_geojson, write_mask_tiff
 
 
 def safe_name(text):
