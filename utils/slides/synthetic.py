@@ -56,10 +56,9 @@ def write_synthetic_slide(path, size, texture, mpp, tissue, tile=256, level_fact
     import tifffile
     rng = np.random.default_rng(seed)
     layout = tissue_layout(size, tissue, rng)
-    factor = level_factor
     sides = [size]
-    while sides[-1] // factor >= tile:
-        sides.append(sides[-1] // factor)
+    while sides[-1] // level_factor >= tile:
+        sides.append(sides[-1] // level_factor)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffWriter(path, bigtiff=size * size * 3 > 2 ** 31) as tif:
         for index, side in enumerate(sides):
