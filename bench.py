@@ -17,7 +17,6 @@ same with _frozen (`--only stage1_train_vit stage2_train_vit` runs two of them).
 """
 import argparse
 import csv
-import gc
 import importlib
 import platform
 import sys
@@ -29,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 
 from utils.cli import USER_ERRORS, run_main
 from utils.config import load_config
 from utils.files import write_json
+from utils.measure import peak_memory_gib, reset_memory, synchronize, training_figure
 from utils.runtime import compile_model, setup_runtime
 from utils.timm_settings import resolve_normalisation
 
@@ -41,10 +40,6 @@ from utils.timm_settings import resolve_normalisation
 # at level 0 and shrunk 2x, as with most .svs files, whose levels are 4x apart.
 SLIDE = {"mpp": 0.25, "model_mpp": 0.5, "tissue": 0.3, "tile": 256, "level_factor": 4, "texture": 1024,
          "warmup_size": 2048}
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-              "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
 
 FULL = {"stage1_backbone": "resnet38", "stage1_batch": 20, "stage1_size": 224, "stage1_steps": 12,
         "cam_tiles": 2000, "cam_tile_size": 112, "cam_batch": 64,
@@ -63,77 +58,6 @@ QUICK = {"stage1_backbone": "resnet10t", "stage1_batch": 4, "stage1_size": 64, "
          "stage2_encoder": "resnet10t", "stage2_batch": 4, "stage2_size": 64, "stage2_steps": 3,
          "infer_tiles": 32, "infer_size": 64, "infer_batch": 16,
          "slide_size": 6144, "slide_model_tiles": 512}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process high-water mark
-    except ImportError:
-        return None
-
-
-def time_steps(step, steps, device, warmup=6):  # training steps capture their CUDA graph on the 4th call
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - started) / steps
-
-
-def count_flops(step):
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
-
-
-def print_profile(name, step, device, steps=3):
-    """The operators that take the most device (or CPU) time over a few steps."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"--- {name}: top operators over {steps} steps")
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
-
-
-def training_figure(name, step, batch, steps, runtime, profile=False):
-    reset_memory(runtime.device)
-    flops = count_flops(step)  # first, while the step still runs eagerly: a graph replay shows no operators
-    if profile:
-        print_profile(name, step, runtime.device)
-    seconds = time_steps(step, steps, runtime.device)
-    peak = peak_flops(runtime.device)
-    return {"figure": name, "batch": batch, "images_per_s": batch / seconds, "step_ms": 1000 * seconds,
-            "peak_mem_gib": peak_memory_gib(runtime.device), "tflop_per_step": flops / 1e12,
-            "mfu": (flops / seconds / peak) if peak else None}
 
 
 def bench_stage1_training(cfg, runtime, s):
@@ -281,7 +205,7 @@ def bench_slide(cfg, runtime, s, model, workdir):
     """One generated slide: model-only tiles/s on its tissue tiles (before and after), and end to end."""
     from utils.checkpoint import STAGE2_FORMAT, save_checkpoint
     from utils.cuda_graphs import GraphedForward
-    from utils.data.demo_data import render_tissue
+    from utils.data.synthetic_tissue import render_tissue
     from utils.slides.slide import Slide, choose_resolution, plan_tiles, read_tile_batches
     from utils.slides.synthetic import write_synthetic_slide
     from utils.stage2.predict import load_segmenter, segmenter_meta

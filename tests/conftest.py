@@ -62,7 +62,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses too (see one
 def write_glas_like_raw(folder, train=10, test=3, size=(160, 128), seed=0):
     """A raw folder in the official GlaS layout (train_N.png, testA_N.png with _anno masks, 0/255) drawn with
     the demo's synthetic tissue: whole images to cut into patches, as 0_prepare_data.py expects."""
-    from utils.data.demo_data import render_tissue
+    from utils.data.synthetic_tissue import render_tissue
     folder = Path(folder)
     for prefix, count in (("train", train), ("testA", test)):
         for index in range(1, count + 1):
