@@ -355,6 +355,24 @@ def test_ablation_rows_share_stage1_score_val_only_and_make_a_table(tmp_path, ca
     assert "stage 1 1 epochs, stage 2 1 epochs" in printed
 
 
+def test_ablation_stage2_rows_start_from_the_papers_dpr_whatever_the_config_chose(tmp_path):
+    """glas_imagenet_cpu drops the refinement attention; its ablation still removes one paper part per row."""
+    from argparse import Namespace
+    ablate = load_script("ablate")
+    recipe = ROOT / "configs" / "glas_imagenet_cpu.yaml"
+    assert load_config(recipe, []).stage2.refinement_attention is False
+    args, folder = Namespace(config=recipe, stage1_epochs=1, stage2_epochs=1), tmp_path / "ablation"
+
+    def row(key, base_overrides=()):
+        _, _, stage, overrides = next(r for r in ablate.row_plan() if r[0] == key)
+        return load_config(recipe, ablate.row_settings(args, folder, key, stage, overrides, list(base_overrides)))
+    full, no_refinement, no_aux = row("stage2_iicb"), row("no_refinement"), row("no_aux")
+    assert (full.stage2.refinement_attention, full.stage2.aux_path) == (True, True)
+    assert (no_refinement.stage2.refinement_attention, no_refinement.stage2.aux_path) == (False, True)
+    assert (no_aux.stage2.refinement_attention, no_aux.stage2.aux_path) == (True, False)
+    assert row("stage2_iicb", ["stage2.aux_path=false"]).stage2.aux_path is False  # the user's --set still wins
+
+
 def test_final_model_without_validation_keeps_its_last_epoch(tmp_path, capsys):
     """Once settings are chosen, a model may be trained on every image: with no val folder stage 2 keeps its last
     epoch when told to, says so in the table, and otherwise stops with one sentence naming the setting."""
