@@ -9,7 +9,8 @@ with plain cross-entropy and with the full IICB loss; IICB without each of its t
 its refinement attention and without its auxiliary path. Every stage-2 row starts from the paper's DPR (both
 parts on) whatever the config chose, so that each row removes one part of the paper's method (a --set given
 here still wins). Every stage-2 row learns from the pseudo-masks of the "with IBM" stage-1 row, and every
-row uses the same schedule (--stage1-epochs, --stage2-epochs), which the table states. Test splits are never scored here. Finished rows are kept; --overwrite redoes them.
+row uses the same schedule (--stage1-epochs, --stage2-epochs), which the table states. Test splits are
+never scored here. Finished rows are kept; --overwrite redoes them.
 """
 import sys
 import time
