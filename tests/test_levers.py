@@ -86,6 +86,41 @@ def test_refinement_follows_colour_edges():
     assert (masks[:, :8] == 1).float().mean() > 0.9 and (masks[:, 8:] == 0).float().mean() > 0.9
 
 
+def refined_by_the_formula(cams, images, iterations, dilations, colour_scale):
+    """Pixel-adaptive refinement written out pixel by pixel, borders replicated: the reference."""
+    _, _, height, width = cams.shape
+    images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    offsets = [(0, 0)] + [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    affinity = torch.zeros(cams.shape[0], len(offsets), height, width)
+    for n in range(cams.shape[0]):
+        for y in range(height):
+            for x in range(width):
+                colours = torch.stack([images[n, :, min(max(y + dy, 0), height - 1), min(max(x + dx, 0), width - 1)]
+                                       for dy, dx in offsets])              # K x 3
+                spread = colours.std(dim=0).mean() + 1e-4
+                difference = (colours - images[n, :, y, x]).abs().mean(dim=1)
+                affinity[n, :, y, x] = torch.softmax(-(difference / (colour_scale * spread)) ** 2, dim=0)
+    refined = cams.clone()
+    for _ in range(iterations):
+        total = torch.zeros_like(refined)
+        for k, (dy, dx) in enumerate(offsets):
+            rows = (torch.arange(height) + dy).clamp(0, height - 1)
+            cols = (torch.arange(width) + dx).clamp(0, width - 1)
+            total += refined[:, :, rows][:, :, :, cols] * affinity[:, k:k + 1]
+        refined = total
+    return refined
+
+
+def test_refinement_is_the_formula_in_either_memory_layout():
+    torch.manual_seed(2)
+    images, cams = torch.rand(2, 3, 20, 20), torch.rand(2, 2, 10, 10)
+    expected = refined_by_the_formula(cams, images, 3, (1, 3), 0.3)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        refined = refine_cams(cams.contiguous(memory_format=layout), images.contiguous(memory_format=layout),
+                              iterations=3, dilations=(1, 3), colour_scale=0.3)
+        assert torch.allclose(refined, expected, atol=1e-5)
+
+
 def test_stitched_maps_equal_patch_maps_where_one_patch_covers_a_pixel(tmp_path):
     """Two 8 x 8 patches of a 8 x 12 image, overlapping in columns 4..7."""
     items = []
