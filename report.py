@@ -106,16 +106,19 @@ def stage_name(stage, data):
 
 
 def stage_label(stage, data):
+    """The model's name and which of its epochs was scored; a segmenter scored with flip test-time augmentation
+    says so, since its figures are not the single-pass network's."""
     name = stage_name(stage, data)
-    epochs = (data["config"] or {}).get("stage2", {}).get("epochs")
-    best = data["metrics"].get("best_epoch")
+    settings = (data["config"] or {}).get("stage2", {})
+    epochs, best = settings.get("epochs"), data["metrics"].get("best_epoch")
     if stage != "stage2" or best is None:
         return name
+    tta = "; flip test-time augmentation" if settings.get("tta_flip") else ""
     if epochs == 0:
-        return f"{name} (stage2.init_from as it is, not trained)"
-    if (data["config"] or {}).get("stage2", {}).get("keep_epoch") == "last":
-        return f"{name} (epoch {best} of {epochs}, the last)"
-    return f"{name} (epoch {best} of {epochs}, chosen on val)"
+        return f"{name} (stage2.init_from as it is, not trained{tta})"
+    if settings.get("keep_epoch") == "last":
+        return f"{name} (epoch {best} of {epochs}, the last{tta})"
+    return f"{name} (epoch {best} of {epochs}, chosen on val{tta})"
 
 
 def results_rows(run):

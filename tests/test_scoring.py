@@ -421,3 +421,16 @@ def test_report_names_a_stage2_trained_on_true_masks():
     data["config"]["stage2"]["train_masks"] = "pseudo"
     assert report.stage_label("stage2", data) == "stage 2: DPR (epoch 12 of 12, the last)"
     assert report.stage_label("stage1", data) == "stage 1: CAM pseudo-masks"
+
+
+def test_report_names_flip_test_time_augmentation():
+    report = load_script("report")
+    data = {"config": {"stage2": {"epochs": 0, "init_from": "best.pth", "tta_flip": True}},
+            "metrics": {"best_epoch": 0}}
+    assert report.stage_label("stage2", data) == ("stage 2: DPR (stage2.init_from as it is, not trained; flip "
+                                                  "test-time augmentation)")
+    data["config"]["stage2"].update(epochs=16, keep_epoch="last")
+    data["metrics"]["best_epoch"] = 16
+    assert report.stage_label("stage2", data) == "stage 2: DPR (epoch 16 of 16, the last; flip test-time augmentation)"
+    data["config"]["stage2"]["tta_flip"] = False
+    assert "augmentation" not in report.stage_label("stage2", data)
