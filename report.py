@@ -113,12 +113,14 @@ def stage_label(stage, data):
     epochs, best = settings.get("epochs"), data["metrics"].get("best_epoch")
     if stage != "stage2" or best is None:
         return name
-    tta = "; flip test-time augmentation" if settings.get("tta_flip") else ""
     if epochs == 0:
-        return f"{name} (stage2.init_from as it is, not trained{tta})"
-    if settings.get("keep_epoch") == "last":
-        return f"{name} (epoch {best} of {epochs}, the last{tta})"
-    return f"{name} (epoch {best} of {epochs}, chosen on val{tta})"
+        scored = "stage2.init_from as it is, not trained"
+    elif settings.get("keep_epoch") == "last":
+        scored = f"epoch {best} of {epochs}, the last"
+    else:
+        scored = f"epoch {best} of {epochs}, chosen on val"
+    tta = "; flip test-time augmentation" if settings.get("tta_flip") else ""
+    return f"{name} ({scored}{tta})"
 
 
 def results_rows(run):
