@@ -8,13 +8,14 @@ one pseudo-mask per training image into data.pseudo_mask_dir.
 """
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.classifier import Stage1Classifier, build_backbone
+from models.classifier import ClassifierEnsemble, Stage1Classifier, build_backbone
 from utils.checkpoint import STAGE1_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.config import ConfigError, base_parser, load_config, pseudo_mask_dir, run_dir
@@ -28,7 +29,7 @@ from utils.provenance import RUN_RECORD, StepTimer
 from utils.run_folder import begin_record, check_checkpoint_fits, stage1_checkpoint_to_use
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run, unwrap
 from utils.stage1.mask_writing import save_samples, write_pseudo_masks
-from utils.stage1.pseudo_masks import file_sha256
+from utils.stage1.pseudo_masks import check_averaged_checkpoints, masks_checkpoint_sha
 from utils.stage1.scoring import score_whole_images
 from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, layer_decay_scales,
@@ -201,6 +202,22 @@ def load_weights(model, state, cfg, path, action):
                               f"({str(error).splitlines()[0][:160]}); {action} only with the same network.") from None
 
 
+def averaging_partners(cfg, own_checkpoint):
+    """The classifiers of stage1.average_cams_with, loaded before any training so that a bad file costs no
+    training time; their class maps are averaged with this run's."""
+    check_averaged_checkpoints(cfg.stage1.average_cams_with)
+    partners = []
+    for path in map(Path, cfg.stage1.average_cams_with):
+        if path.resolve() == own_checkpoint.resolve():
+            raise ConfigError(f"stage1.average_cams_with names this run's own checkpoint {path}; name the other "
+                              "runs' checkpoints only.")
+        partner = build_classifier(cfg)
+        load_weights(partner, load_checkpoint(path, STAGE1_FORMAT), cfg, path,
+                     "class maps are averaged")
+        partners.append(partner)
+    return partners
+
+
 def main(argv=None):
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--resume", action="store_true", help="continue training from checkpoint.pth")
@@ -232,6 +249,7 @@ def main(argv=None):
             print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 
     model = build_classifier(cfg)
+    partners = averaging_partners(cfg, checkpoint_path)
     if train:
         train_classifier(cfg, model, items, runtime, out_dir, args.resume)
     else:
@@ -240,8 +258,14 @@ def main(argv=None):
         cfg.stage1.epochs = state["epoch"]  # the record then describes the checkpoint beside it
         if runtime.is_main:
             print(f"no training: {checkpoint_path} (epoch {state['epoch']}) is used as it is")
-    model = unwrap(model).to(runtime.device).to(memory_format=torch.channels_last)
-    checkpoint_sha = file_sha256(checkpoint_path)
+    model = unwrap(model)
+    if partners:
+        model = ClassifierEnsemble([model] + partners)
+        if runtime.is_main:
+            print(f"class maps averaged over {len(partners) + 1} classifiers: {checkpoint_path} and "
+                  f"{', '.join(cfg.stage1.average_cams_with)}")
+    model = model.to(runtime.device).to(memory_format=torch.channels_last)
+    checkpoint_sha = masks_checkpoint_sha(checkpoint_path, cfg.stage1.average_cams_with)
 
     confusion, samples, skipped = write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, args.overwrite)
     metrics, postprocessed = {}, {}

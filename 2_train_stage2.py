@@ -33,7 +33,7 @@ from utils.files import BackgroundWriter, write_json
 from utils.provenance import RUN_RECORD, StepTimer
 from utils.run_folder import begin_record, check_checkpoint_fits
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run
-from utils.stage1.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
+from utils.stage1.pseudo_masks import check_pseudo_masks, masks_checkpoint_sha, pseudo_mask_name
 from utils.stage1.stitch import whole_image_dir, write_whole_ground_truth
 from utils.stage2.losses import IICBLoss
 from utils.stage2.predict import FlipAveraged, predict_mask, segmenter_meta
@@ -68,7 +68,8 @@ def training_pairs(cfg):
         return [image for image, _ in pairs], [mask for _, mask in pairs], encoding
     folder = pseudo_mask_dir(cfg)
     stage1_checkpoint = run_dir(cfg, "stage1") / "checkpoint.pth"
-    expected_sha = file_sha256(stage1_checkpoint) if stage1_checkpoint.is_file() else None
+    expected_sha = (masks_checkpoint_sha(stage1_checkpoint, cfg.stage1.average_cams_with)
+                    if stage1_checkpoint.is_file() and not s2.accept_foreign_pseudo_masks else None)
     if s2.train_on == "whole_images":
         whole = whole_image_dir(folder)
         if not (whole / "img").is_dir():

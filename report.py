@@ -98,10 +98,13 @@ def held_out_splits(run):
 
 def stage_name(stage, data):
     """The model's name, saying when stage 2 learnt from the true masks rather than the pseudo-masks (a run of
-    0 epochs, which only scores a given model, learnt from neither)."""
-    settings = (data["config"] or {}).get("stage2", {})
+    0 epochs, which only scores a given model, learnt from neither), and when stage 1's class maps were the
+    average of several classifiers'."""
+    settings = (data["config"] or {}).get(stage, {})
     if stage == "stage2" and settings.get("train_masks") == "ground_truth" and settings.get("epochs"):
         return f"{NAMES[stage]} on true masks"
+    if stage == "stage1" and settings.get("average_cams_with"):
+        return f"{NAMES[stage]}, class maps averaged over {len(settings['average_cams_with']) + 1} classifiers"
     return NAMES[stage]
 
 

@@ -73,6 +73,19 @@ class Stage1Classifier(nn.Module):
         return maps, scores
 
 
+class ClassifierEnsemble(nn.Module):
+    """Stage-1 classifiers of one network, e.g. trained with different seeds, whose class maps are averaged
+    (utils/stage1/class_maps.py): each map is scaled by its own peak first, so no member outweighs another."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def size_multiple(self):
+        return self.members[0].size_multiple
+
+
 def build_backbone(name, pretrained=False, out_indices=(2, 3, 4), output_stride=8, kwargs=None, vit_blocks=None):
     """ResNet-38 (with its ImageNet weight file when given) or any timm model by name, `hf-hub:` names included.
 

@@ -434,3 +434,22 @@ def test_report_names_flip_test_time_augmentation():
     assert report.stage_label("stage2", data) == "stage 2: DPR (epoch 16 of 16, the last; flip test-time augmentation)"
     data["config"]["stage2"]["tta_flip"] = False
     assert "augmentation" not in report.stage_label("stage2", data)
+
+
+def test_averaged_class_maps_weigh_each_classifier_alike():
+    """Each member's maps are scaled by their own peak before the mean, so a classifier whose CAMs run ten times
+    higher does not outvote the other; labels come from the mean of their image probabilities."""
+    from models.classifier import ClassifierEnsemble
+    cfg = load_config(None, ["stage1.cam_flip=false"])
+    left, right = torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4)
+    left[0, 1, :, :2], right[0, 1, :, 2:] = 10.0, 1.0       # one sees gland on the left, the other on the right
+    left[0, 0], right[0, 0] = 10.0, 1.0
+    sure, unsure = CamStub(left, torch.tensor([[4.0, 4.0]])), CamStub(right, torch.tensor([[4.0, -4.0]]))
+    images = torch.zeros(1, 3, 4, 4)
+    maps, labels = class_maps(ClassifierEnsemble([sure, unsure]), images, (4, 4), None, cfg.stage1, CPU)
+    assert torch.allclose(maps[0, 1], torch.full((4, 4), 0.5)) and torch.allclose(maps[0, 0], torch.ones(4, 4))
+    # gland: probabilities 0.98 and 0.02 average 0.50, above the 0.25 threshold, so the label keeps it
+    assert labels[0].tolist() == [1.0, 1.0]
+    alone, alone_labels = class_maps(sure, images, (4, 4), None, cfg.stage1, CPU)
+    single, single_labels = class_maps(ClassifierEnsemble([sure]), images, (4, 4), None, cfg.stage1, CPU)
+    assert torch.equal(alone, single) and torch.equal(alone_labels, single_labels)

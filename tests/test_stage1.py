@@ -63,3 +63,44 @@ def test_timm_backbone_loads_a_local_weight_file_and_names_a_wrong_one(tmp_path)
     with pytest.raises(ValueError) as error:
         build_backbone("resnet10t", str(tmp_path / "damaged.pth"), (1, 2, 3), 8)
     assert "damaged.pth" in str(error.value) and "layer2.0.conv1.weight" in str(error.value)
+
+
+def test_class_maps_averaged_with_another_checkpoint(tmp_path):
+    """stage1.average_cams_with: a partner that is missing is refused before any training; averaging with an
+    identical classifier gives this run's own pseudo-masks, and the manifest ties them to both checkpoints, so
+    stage 2 accepts them only under the same setting."""
+    import shutil
+
+    import pytest
+
+    from utils.config import load_config
+    from utils.data.imageio import DataError
+    from utils.stage1.pseudo_masks import file_sha256, masks_checkpoint_sha, read_manifest
+    stage1, stage2 = load_script("1_train_stage1"), load_script("2_train_stage2")
+    missing = tmp_path / "runs" / "other" / "stage1" / "checkpoint.pth"
+    with pytest.raises(DataError, match="stage1.average_cams_with: .*other.*is not a file"):
+        stage1.main(tiny_demo_args(tmp_path, f"stage1.average_cams_with=[{missing}]"))
+    assert not (tmp_path / "runs" / "demo" / "stage1" / "checkpoint.pth").exists()
+
+    assert stage1.main(tiny_demo_args(tmp_path)) == 0
+    own = tmp_path / "runs" / "demo" / "stage1" / "checkpoint.pth"
+    with pytest.raises(Exception, match="this run's own checkpoint"):
+        stage1.main(tiny_demo_args(tmp_path, f"stage1.average_cams_with=[{own}]") + ["--masks-only"])
+    missing.parent.mkdir(parents=True)
+    shutil.copy(own, missing)
+    single = tmp_path / "data" / "train" / "pseudo_mask"
+    averaged = tmp_path / "averaged"
+    setting = [f"stage1.average_cams_with=[{missing}]", f"data.pseudo_mask_dir={averaged}"]
+    assert stage1.main(tiny_demo_args(tmp_path, *setting) + ["--masks-only"]) == 0
+    names = sorted(p.name for p in single.glob("*.png"))
+    assert names == sorted(p.name for p in averaged.glob("*.png"))
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(single / name)), np.asarray(Image.open(averaged / name))), name
+    sha = read_manifest(averaged)["checkpoint_sha256"]
+    assert sha == masks_checkpoint_sha(own, [missing]) and sha != file_sha256(own)
+
+    cfg = load_config(str(tiny_demo_args(tmp_path)[1]), tiny_demo_args(tmp_path, *setting)[3::2])
+    assert len(stage2.training_pairs(cfg)[0]) == len(names)
+    cfg.stage1.average_cams_with = []
+    with pytest.raises(DataError, match="another stage-1 checkpoint"):
+        stage2.training_pairs(cfg)

@@ -231,6 +231,8 @@ SETTINGS = {
     "stage1.cam_refine_dilations": ([1, 2, 4, 8], numbers(whole(1, 256), least=1, most=16)),
     "stage1.cam_refine_colour_scale": (0.3, number(0, 100, low_open=True)),
     "stage1.background_cam_scale": (1.0, number(0, 100, low_open=True)),  # < 1: foreground favoured
+    # other stage-1 checkpoints of the same network (other seeds) whose class maps are averaged with this run's
+    "stage1.average_cams_with": ([], names(meaning="a list of distinct stage-1 checkpoint files")),
     "stage1.pseudo_mask_ignore_margin": (0.0, FRACTION),  # stitched images: close votes left unlabelled
     "stage1.hed_jitter": (0.0, FRACTION),             # stain augmentation (0: off)
     "stage1.color_jitter": (0.0, FRACTION),

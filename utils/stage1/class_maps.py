@@ -25,14 +25,21 @@ def network_input(image, size_or_scale, mean, std, multiple=1):
 
 def class_maps(model, images, out_size, labels, s1, runtime):
     """The class maps that decide a pseudo-mask: multi-layer CAMs (over the configured scales and flips) at
-    out_size, each class scaled to [0, 1] and kept only where the label has it, then refined along colour
-    edges when stage1.cam_refine_iterations asks. labels None: predicted from the image (threshold).
+    out_size, each class scaled to [0, 1] (then averaged over the members of a ClassifierEnsemble) and kept
+    only where the label has it, then refined along colour edges when stage1.cam_refine_iterations asks.
+    labels None: predicted from the image (threshold).
     Returns (maps N x C x H x W, labels N x C)."""
-    with runtime.autocast():
-        cams, probabilities = multi_layer_cam(model, images, out_size, s1.cam_weights, s1.cam_scales, s1.cam_flip)
+    members = list(getattr(model, "members", None) or [model])  # a ClassifierEnsemble, or one classifier
+    maps, probabilities = 0.0, 0.0
+    for member in members:
+        with runtime.autocast():
+            cams, member_probabilities = multi_layer_cam(member, images, out_size, s1.cam_weights, s1.cam_scales,
+                                                         s1.cam_flip)
+        maps, probabilities = maps + normalise_cams(cams), probabilities + member_probabilities
+    maps, probabilities = maps / len(members), probabilities / len(members)
     if labels is None:
         labels = (probabilities > s1.label_threshold).float()
-    maps = normalise_cams(cams) * labels.to(cams.device, torch.float32)[:, :, None, None]
+    maps = maps * labels.to(maps.device, torch.float32)[:, :, None, None]
     maps = refine_cams(maps, images, s1.cam_refine_iterations, s1.cam_refine_dilations, s1.cam_refine_colour_scale)
     return maps, labels
 

@@ -17,6 +17,24 @@ def file_sha256(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+def check_averaged_checkpoints(paths):
+    """stage1.average_cams_with must name files that exist."""
+    missing = [str(path) for path in paths if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"stage1.average_cams_with: {missing[0]} is not a file; name stage-1 checkpoints "
+                        "(runs/<name>/stage1/checkpoint.pth) that exist, or set it to [].")
+
+
+def masks_checkpoint_sha(checkpoint_path, averaged_with=()):
+    """The digest that ties pseudo-masks to what made them: the stage-1 checkpoint's, or, when its class maps
+    were averaged with other checkpoints' (stage1.average_cams_with), a digest of all of theirs in order."""
+    check_averaged_checkpoints(averaged_with)
+    own = file_sha256(checkpoint_path)
+    if not averaged_with:
+        return own
+    return hashlib.sha256(" ".join([own] + [file_sha256(path) for path in averaged_with]).encode()).hexdigest()
+
+
 def pseudo_mask_name(image_path):
     """A pseudo-mask has its image's file name (labels included), always as .png."""
     return Path(image_path).with_suffix(".png").name
