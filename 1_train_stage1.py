@@ -6,6 +6,7 @@ multi-layer class activation maps into pseudo-masks on disk.
 Writes runs/<name>/stage1/{config.yaml, checkpoint.pth, log.csv, metrics.json, run.json, samples.png} and
 one pseudo-mask per training image into data.pseudo_mask_dir.
 """
+import copy
 import sys
 import time
 from pathlib import Path
@@ -202,16 +203,17 @@ def load_weights(model, state, cfg, path, action):
                               f"({str(error).splitlines()[0][:160]}); {action} only with the same network.") from None
 
 
-def averaging_partners(cfg, own_checkpoint):
+def averaging_partners(cfg, model, own_checkpoint):
     """The classifiers of stage1.average_cams_with, loaded before any training so that a bad file costs no
-    training time; their class maps are averaged with this run's."""
+    training time; their class maps are averaged with this run's. Each is a copy of the untrained `model`
+    given those weights, so the pretrained weights are not read again."""
     check_averaged_checkpoints(cfg.stage1.average_cams_with)
     partners = []
     for path in map(Path, cfg.stage1.average_cams_with):
         if path.resolve() == own_checkpoint.resolve():
             raise ConfigError(f"stage1.average_cams_with names this run's own checkpoint {path}; name the other "
                               "runs' checkpoints only.")
-        partner = build_classifier(cfg)
+        partner = copy.deepcopy(model)
         load_weights(partner, load_checkpoint(path, STAGE1_FORMAT), cfg, path,
                      "class maps are averaged")
         partners.append(partner)
@@ -249,7 +251,7 @@ def main(argv=None):
             print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 
     model = build_classifier(cfg)
-    partners = averaging_partners(cfg, checkpoint_path)
+    partners = averaging_partners(cfg, model, checkpoint_path)
     if train:
         train_classifier(cfg, model, items, runtime, out_dir, args.resume)
     else:
