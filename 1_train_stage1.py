@@ -124,7 +124,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
                                      layer_decay_scales(model.backbone, s1.layer_decay))
     total_steps = max(1, s1.epochs * len(loader))
     checkpoint_path = out_dir / "checkpoint.pth"
-    log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "accuracy", "lr", "seconds"], keep_existing=resume)
+    log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "accuracy", "grad_norm", "clipped", "lr", "seconds"],
+                 keep_existing=resume)
     scaler = runtime.grad_scaler()
     start_epoch, step = 0, 0
     if resume and checkpoint_path.is_file():
@@ -149,7 +150,7 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         loader.sampler.set_epoch(epoch)
         set_train_mode(model, s1)
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct label decisions, labels, images
-        correct = 0
+        correct, norm_sum, clipped = 0, 0.0, 0  # the gradient norm before clipping, and how often it clips
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"stage 1 epoch {epoch + 1}/{s1.epochs}", disable=not runtime.is_main,
                    leave=False)
@@ -165,7 +166,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
             check_finite(loss_value, epoch, step, f"the last good checkpoint is {checkpoint_path}")
             correct = correct + ((scores > 0).float() == labels).sum()  # stays on the device until the epoch ends
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s1.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s1.grad_clip).detach().float()
+            norm_sum, clipped = norm_sum + norm, clipped + (norm > s1.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             step += 1
@@ -174,8 +176,10 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         totals[1] = float(correct)
         totals = runtime.all_reduce_sum(totals.to(runtime.device)).cpu()
         seconds = time.perf_counter() - started
+        steps = max(len(loader), 1)
         row = {"epoch": epoch + 1, "loss": round(totals[0].item() / max(totals[3].item(), 1), 5),
                "accuracy": round(totals[1].item() / max(totals[2].item(), 1), 5),
+               "grad_norm": round(float(norm_sum) / steps, 4), "clipped": round(float(clipped) / steps, 4),
                "lr": f"{optimizer.param_groups[0]['lr']:.3g}", "seconds": round(seconds, 1)}
         runtime.broadcast_buffers(model)  # the pseudo-masks of every rank then come from the saved weights
         if runtime.is_main:
