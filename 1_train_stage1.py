@@ -55,7 +55,11 @@ def build_classifier(cfg):
                                   s1.vit_blocks)
     except ValueError as error:
         raise CheckpointError(f"stage1.pretrained: {error}") from None
-    model = Stage1Classifier(backbone, len(cfg.data.classes), use_ibm=s1.ibm)
+    model = Stage1Classifier(backbone, len(cfg.data.classes), use_ibm=s1.ibm, ibm_at=s1.ibm_at,
+                             ibm_edge_from=s1.ibm_edge_from)
+    if s1.ibm and model.ibm_at != s1.ibm_at:
+        print(f"stage1.ibm_at: {s1.backbone} is a Vision Transformer, whose blocks read tokens; IBM acts on its "
+              "deepest tap")
     if s1.frozen_stages:
         if not hasattr(backbone, "freeze_stages"):
             raise ConfigError(f"stage1.frozen_stages applies to convolutional timm backbones, not {s1.backbone}; "
@@ -92,6 +96,14 @@ def classifier_train_step(trainer, model, s1, runtime, scaler=None):
     return TrainStep(forward_loss, model.parameters(), runtime, scaler)
 
 
+def new_layer_groups(model, s1):
+    """The new layers and their learning-rate multipliers. As published, only the deep head (fc8) learns at
+    stage1.lr_mult_new; IBM and the side heads (ic1, ic2) learn as pretrained layers do (x1 / x2) unless
+    stage1.ibm_lr_mult and stage1.side_head_lr_mult say otherwise."""
+    new = model.new_modules()
+    return [(new["ibm"], s1.ibm_lr_mult), (new["side_heads"], s1.side_head_lr_mult), (new["head"], s1.lr_mult_new)]
+
+
 def set_train_mode(model, s1):
     model.train()
     if s1.freeze_bn:
@@ -119,9 +131,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
     if s1.freeze_bn:
         freeze_batchnorm(model)
     model.to(runtime.device, memory_format=torch.channels_last)  # depthwise and dense convolutions alike run faster
-    optimizer = sgd_with_multipliers([model.backbone], model.new_modules(), s1.lr, s1.momentum,
-                                     s1.weight_decay, s1.lr_mult_new,
-                                     layer_decay_scales(model.backbone, s1.layer_decay))
+    optimizer = sgd_with_multipliers([model.backbone], new_layer_groups(model, s1), s1.lr, s1.momentum,
+                                     s1.weight_decay, layer_decay_scales(model.backbone, s1.layer_decay))
     total_steps = max(1, s1.epochs * len(loader))
     checkpoint_path = out_dir / "checkpoint.pth"
     log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "accuracy", "grad_norm", "clipped", "lr", "seconds"],

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.dpr import DPR
+from models.dpr import DPR, RefinementAttention
 from models.timm_encoder import load_encoder_state
 from utils.checkpoint import (STAGE1_FORMAT, STAGE2_FORMAT, CheckpointError, load_checkpoint, save_checkpoint,
                               save_safetensors)
@@ -97,7 +97,8 @@ def build_segmenter(cfg):
     try:
         model = DPR(s2.encoder, len(cfg.data.classes), pretrained=s2.pretrained, refine=s2.refinement_attention,
                     aux=s2.aux_path, encoder_kwargs=facts.kwargs, vit_block=s2.vit_block,
-                    encoder_stage=s2.encoder_stage)
+                    encoder_stage=s2.encoder_stage, refine_hidden=s2.refinement_hidden,
+                    refine_gate_scale=s2.refinement_gate_scale)
     except ValueError as error:
         raise CheckpointError(f"stage2.pretrained: {error}") from None
     if s2.init_from:
@@ -280,8 +281,9 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     optimizer = sgd_with_layer_decay(model, model.encoder, s2.lr, s2.momentum, s2.weight_decay, s2.layer_decay)
     criterion = IICBLoss(**s2.iicb, background=background_index(cfg.data.classes, cfg.data.background))
     total_steps = max(1, s2.epochs * len(loader))
-    log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "val_miou", "val_mdice", "lr", "seconds"],
-                 keep_existing=resume)
+    gated = isinstance(model.refine, RefinementAttention)  # its mean gates go into the log
+    log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "val_miou", "val_mdice"]
+                 + (["channel_gate", "spatial_gate"] if gated else []) + ["lr", "seconds"], keep_existing=resume)
     scaler = runtime.grad_scaler()
     # the model that is evaluated and kept: the weights' moving average when stage2.ema_decay asks for one
     average = WeightAverage(model, s2.ema_decay) if s2.ema_decay else None
@@ -311,7 +313,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     for epoch in range(start_epoch, s2.epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
-        started, loss_sum, seen = time.perf_counter(), 0.0, 0
+        started, loss_sum, seen, gate_sum = time.perf_counter(), 0.0, 0, 0.0
         bar = tqdm(loader, desc=f"stage 2 epoch {epoch + 1}/{s2.epochs}", leave=False, disable=not runtime.is_main)
         for batch, target, _ in bar:
             batch = batch.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -327,6 +329,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
             scaler.update()
             if average is not None:
                 average.update(model)
+            if gated:
+                gate_sum = gate_sum + torch.stack(model.refine.mean_gates)
             step += 1
             loss_sum, seen = loss_sum + loss_value * len(batch), seen + len(batch)
             bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -343,6 +347,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
                "val_miou": round(values["miou"], 5) if values else "",
                "val_mdice": round(values["mdice"], 5) if values else "",
                "lr": f"{optimizer.param_groups[0]['lr']:.3g}", "seconds": round(time.perf_counter() - started, 1)}
+        if gated:
+            row["channel_gate"], row["spatial_gate"] = (round(float(g) / max(len(loader), 1), 4) for g in gate_sum)
         if runtime.is_main:
             if epoch == start_epoch:
                 begin_record(cfg, out_dir)  # the record changes with the run's first own checkpoint

@@ -69,7 +69,7 @@ def bench_stage1_training(cfg, runtime, s):
     if cfg.stage1.freeze_bn:
         freeze_batchnorm(model)
     trainer = compile_model(model) if cfg.compile else model
-    optimizer = sgd_with_multipliers([model.backbone], model.new_modules(), 0.01, 0.9, 5e-4)
+    optimizer = sgd_with_multipliers([model.backbone], stage1.new_layer_groups(model, cfg.stage1), 0.01, 0.9, 5e-4)
     scaler = runtime.grad_scaler()
     train_step = stage1.classifier_train_step(trainer, model, cfg.stage1, runtime, scaler)
     images = torch.randn(s["stage1_batch"], 3, s["stage1_size"], s["stage1_size"], device=runtime.device)

@@ -1,16 +1,34 @@
-"""Stage-1 classifier: a backbone with three taps, IBM before the deepest tap, one 1x1 head per tap."""
+"""Stage-1 classifier: a backbone with three taps, IBM before the deepest tapped stage (or on the deepest tap),
+one 1x1 head per tap."""
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.ibm import ImplicitBoundaryMining
 
 
+IBM_PLACES = ("before_deepest_stage", "deepest_tap")
+
+
 class Stage1Classifier(nn.Module):
-    def __init__(self, backbone, num_classes, use_ibm=True, dropout=0.5):
+    """`ibm_at`: "before_deepest_stage", the paper's place (ResNet-38: between b6 and b7; a timm network: on
+    the input of its deepest tapped stage, which then reads IBM's output with its pretrained weights), or
+    "deepest_tap" (IBM's output is the deepest head's feature map itself). A Vision Transformer's blocks read
+    tokens, so it has IBM on its deepest tap wherever asked (`ibm_at` then says so). `ibm_edge_from`: IBM's edge map
+    from its "input" (as published) or from the "fused" multi-scale features."""
+
+    def __init__(self, backbone, num_classes, use_ibm=True, dropout=0.5, ibm_at="before_deepest_stage",
+                 ibm_edge_from="input"):
         super().__init__()
         self.backbone = backbone
         low, mid, deep = backbone.tap_channels
-        self.ibm = ImplicitBoundaryMining(backbone.ibm_channels) if use_ibm else None
+        if ibm_at not in IBM_PLACES:
+            raise ValueError(f"ibm_at must be one of {', '.join(IBM_PLACES)}, got {ibm_at!r}.")
+        if ibm_at == "before_deepest_stage" and backbone.channels_before_deepest is None:
+            ibm_at = "deepest_tap"
+        self.ibm_at, self.ibm = ibm_at, None
+        if use_ibm:
+            channels = deep if ibm_at == "deepest_tap" else backbone.channels_before_deepest
+            self.ibm = ImplicitBoundaryMining(channels, edge_from=ibm_edge_from)
         self.ic1 = nn.Conv2d(low, num_classes, 1)
         self.ic2 = nn.Conv2d(mid, num_classes, 1)
         self.fc8 = nn.Conv2d(deep, num_classes, 1, bias=False)
@@ -43,15 +61,26 @@ class Stage1Classifier(nn.Module):
         return (self.ic1, self.ic2, self.fc8)
 
     def new_modules(self):
-        """Layers that start from random initialisation (higher learning rate)."""
-        return [m for m in (self.ibm, self.ic1, self.ic2, self.fc8) if m is not None]
+        """Layers that start from random initialisation, by kind: {"ibm", "side_heads" (ic1, ic2), "head" (fc8)},
+        each of which may learn at its own rate."""
+        return {"ibm": [self.ibm] if self.ibm is not None else [], "side_heads": [self.ic1, self.ic2],
+                "head": [self.fc8]}
 
     def taps(self, x):
-        low, mid, deep = self.backbone.encode(x)
-        boundary = embedding = None
-        if self.ibm is not None:
-            deep, boundary, embedding = self.ibm(deep)
-        return (low, mid, self.backbone.finish(deep)), boundary, embedding
+        if self.ibm is None:
+            return self.backbone.taps(x), None, None
+        side = {}
+
+        def boundary_mining(features):
+            out, side["boundary"], side["embedding"] = self.ibm(features)
+            return out
+
+        if self.ibm_at == "deepest_tap":
+            low, mid, deep = self.backbone.taps(x)
+            deep = boundary_mining(deep)
+        else:
+            low, mid, deep = self.backbone.taps(x, between=boundary_mining)
+        return (low, mid, deep), side["boundary"], side["embedding"]
 
     def forward(self, x):
         """Per-head image scores (N x C each) from global average pooling, plus IBM side outputs."""

@@ -76,12 +76,18 @@ class PyramidPooling(nn.Module):
 
 
 class RefinementAttention(nn.Module):
-    """Channel gate then spatial gate, applied to the class logits."""
+    """Channel gate then spatial gate, applied to the class logits.
 
-    def __init__(self, num_classes, hidden=None):
+    As published, the channel gate's MLP squeezes the classes 16-fold (to 1 unit for 2 classes) unless `hidden`
+    says otherwise, and each gate is a sigmoid: at the start both are near 0.5, so the logits enter training
+    scaled by about 0.25. `gate_scale` 2 makes each gate 2 * sigmoid, near 1 at the start. The mean gates of
+    the last forward pass are kept in `mean_gates` (channel, spatial), for the training log.
+    """
+
+    def __init__(self, num_classes, hidden=None, gate_scale=1.0):
         super().__init__()
-        # Few classes leave no room for a squeeze; keep a small hidden width instead.
-        hidden = hidden or max(8, num_classes // 2)
+        hidden = hidden or max(1, num_classes // 16)
+        self.gate_scale = gate_scale
         self.channel_gate = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(num_classes, hidden, 1),
@@ -90,11 +96,15 @@ class RefinementAttention(nn.Module):
             nn.Sigmoid(),
         )
         self.spatial_conv = nn.Conv2d(2, 1, 7, padding=3)
+        self.mean_gates = None
 
     def forward(self, logits):
-        logits = logits * self.channel_gate(logits)
+        channel = self.gate_scale * self.channel_gate(logits)
+        logits = logits * channel
         stats = torch.cat([logits.amax(dim=1, keepdim=True), logits.mean(dim=1, keepdim=True)], dim=1)
-        return logits * torch.sigmoid(self.spatial_conv(stats))
+        spatial = self.gate_scale * torch.sigmoid(self.spatial_conv(stats))
+        self.mean_gates = (channel.detach().mean(), spatial.detach().mean())
+        return logits * spatial
 
 
 class DPR(nn.Module):
@@ -104,11 +114,12 @@ class DPR(nn.Module):
     the input's height and width. `refine` and `aux` switch off the refinement attention and the auxiliary
     path (for ablations); training then returns "aux" None. `encoder_kwargs` go to timm.create_model;
     `vit_block` is the block whose tokens a Vision Transformer encoder gives (negative: from the end);
-    `encoder_stage` the convolutional encoder's feature stage it decodes (None: the deepest at stride 8).
+    `encoder_stage` the convolutional encoder's feature stage it decodes (None: the deepest at stride 8);
+    `refine_hidden` and `refine_gate_scale` shape the refinement attention (RefinementAttention).
     """
 
     def __init__(self, encoder: str, num_classes: int, pretrained=False, refine=True, aux=True,
-                 encoder_kwargs=None, vit_block=-1, encoder_stage=None):
+                 encoder_kwargs=None, vit_block=-1, encoder_stage=None, refine_hidden=None, refine_gate_scale=1.0):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"DPR needs at least 2 classes, got num_classes={num_classes}.")
@@ -132,7 +143,8 @@ class DPR(nn.Module):
             nn.Dropout2d(0.2),
             nn.Conv2d(512, num_classes, 3, padding=1),
         )
-        self.refine = RefinementAttention(num_classes) if refine else nn.Identity()
+        self.refine = (RefinementAttention(num_classes, refine_hidden, refine_gate_scale) if refine
+                       else nn.Identity())
         self.aux_head = nn.Sequential(
             conv_bn_relu(channels, 256, 3),
             nn.Dropout2d(0.1),

@@ -8,7 +8,8 @@ class ImplicitBoundaryMining(nn.Module):
     """x (N, C, H, W) -> (out (N, C, H, W), boundary (N, 1, H, W), embedding (N, D, H, W)).
 
     1. 1x1, 3x3 and 5x5 convs (C -> C each), concatenated and fused by a 1x1 conv (3C -> C);
-    2. edge map E = sigmoid(3x3 conv C -> 1); features scaled by (1 + E);
+    2. edge map E = sigmoid(3x3 conv C -> 1) of the module's input (as published; `edge_from="fused"`: of the
+       fused features); the fused features scaled by (1 + E);
     3. channel attention: global average pool -> Linear C -> C/r -> ReLU -> Linear -> sigmoid;
     4. spatial attention: channel max and mean -> 7x7 conv -> sigmoid;
     5. out = 3x3 conv(attended + x);
@@ -18,10 +19,13 @@ class ImplicitBoundaryMining(nn.Module):
     module passes x plus a small attended term and a pretrained layer after it sees familiar features.
     """
 
-    def __init__(self, channels, reduction=16, embedding_dim=8):
+    def __init__(self, channels, reduction=16, embedding_dim=8, edge_from="input"):
         super().__init__()
         if channels < 2:
             raise ValueError(f"ImplicitBoundaryMining needs at least 2 channels, got {channels}.")
+        if edge_from not in ("input", "fused"):
+            raise ValueError(f"ImplicitBoundaryMining edge_from must be 'input' or 'fused', got {edge_from!r}.")
+        self.edge_from = edge_from
         self.branch_1x1 = nn.Conv2d(channels, channels, 1)
         self.branch_3x3 = nn.Conv2d(channels, channels, 3, padding=1)
         self.branch_5x5 = nn.Conv2d(channels, channels, 5, padding=2)
@@ -40,7 +44,7 @@ class ImplicitBoundaryMining(nn.Module):
 
     def forward(self, x):
         fused = self.fuse(torch.cat([self.branch_1x1(x), self.branch_3x3(x), self.branch_5x5(x)], dim=1))
-        edge = torch.sigmoid(self.edge(fused))
+        edge = torch.sigmoid(self.edge(x if self.edge_from == "input" else fused))
         gated = torch.addcmul(fused, fused, edge)  # fused * (1 + E) in one kernel
 
         channel_weight = torch.sigmoid(self.channel_mlp(gated.mean(dim=(2, 3))))

@@ -94,7 +94,7 @@ class ResNet38(nn.Module):
     """
 
     tap_channels = (512, 1024, 4096)  # f45, f52, f7
-    ibm_channels = 2048  # output of b6
+    channels_before_deepest = 2048  # output of b6, where the paper puts IBM
 
     def __init__(self):
         super().__init__()
@@ -142,10 +142,14 @@ class ResNet38(nn.Module):
         """b6 output (2048 ch) -> f7 = ReLU(bn7(b7(x6))) (4096 ch)."""
         return F.relu(self.bn7(self.b7(x6)), inplace=True)
 
+    def taps(self, x, between=None):
+        """Image -> (f45, f52, f7); `between` (IBM) acts on b6's output before b7 reads it."""
+        f45, f52, x6 = self.encode(x)
+        return f45, f52, self.finish(x6 if between is None else between(x6))
+
     def forward(self, x):
         """Image -> (f45, f52, f7) without anything between b6 and b7."""
-        f45, f52, x6 = self.encode(x)
-        return f45, f52, self.finish(x6)
+        return self.taps(x)
 
 
 def load_resnet38_weights(model, path):

@@ -14,7 +14,7 @@ def softmax_np(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def reference_terms(logits, target, tau=0.4):
+def reference_terms(logits, target, tau=0.4, scaling="published"):
     """Straightforward loop versions of each term, written independently of the module."""
     logits = logits.astype(np.float64)
     probs = softmax_np(logits)
@@ -25,24 +25,32 @@ def reference_terms(logits, target, tau=0.4):
                  if target[i, y, x] != IGNORE and conf[i, y, x] > tau]
     ce = float(np.mean(ce_values)) if ce_values else 0.0
     uncertainty = float(np.mean(-(1 - conf) * np.log(1 - conf)))
-    diffs = []
+    vertical, horizontal = [], []
     for i in range(n):
         for y in range(h):
             for x in range(w):
                 if y + 1 < h:
-                    diffs += list(np.abs(probs[i, :, y + 1, x] - probs[i, :, y, x]))
+                    vertical += list(np.abs(probs[i, :, y + 1, x] - probs[i, :, y, x]))
                 if x + 1 < w:
-                    diffs += list(np.abs(probs[i, :, y, x + 1] - probs[i, :, y, x]))
-    smooth = float(np.mean(diffs))
+                    horizontal += list(np.abs(probs[i, :, y, x + 1] - probs[i, :, y, x]))
+    if scaling == "published":  # the mean of each direction, summed
+        smooth = float(np.mean(vertical)) + float(np.mean(horizontal))
+    else:
+        smooth = float(np.mean(vertical + horizontal))
     vectors = probs.transpose(0, 2, 3, 1).reshape(-1, c)
     labels = target.reshape(-1)
-    means, variances = {}, []
+    means, variances, published = {}, [], 0.0
     for k in range(c):
         members = vectors[labels == k]
         if len(members):
             means[k] = members.mean(axis=0)
             variances.append(np.mean(np.sum((members - means[k]) ** 2, axis=1)))
-    compact = float(np.mean(variances)) if variances else 0.0
+        if len(members) > 1:  # the variance of every element of the class's vectors, over C classes
+            published += np.mean((members - means[k]) ** 2) / c
+    if scaling == "published":
+        compact = float(published)
+    else:
+        compact = float(np.mean(variances)) if variances else 0.0
     cosines = [means[a] @ means[b] / (np.linalg.norm(means[a]) * np.linalg.norm(means[b]))
                for a in means for b in means if a < b]
     separation = float(np.mean(cosines)) if cosines else 0.0
@@ -103,21 +111,24 @@ def test_compactness_separation_and_dice_by_hand():
     mean0 = np.array([(0.5 + a) / 2, (0.5 + 1 - a) / 2])
     mean1 = np.array([b, 1 - b])
     var0 = 2 * ((a - 0.5) / 2) ** 2  # both pixels lie (a - 0.5) / 2 from the mean in each of 2 channels
-    expected_compact = (var0 + 0.0) / 2
+    expected_compact = (var0 + 0.0) / 2  # per_term_mean: the mean over the two classes present
+    expected_published = (var0 / 2) / 2   # per element (2 channels), summed over classes with 2+ pixels, / C
     expected_separation = mean0 @ mean1 / (np.linalg.norm(mean0) * np.linalg.norm(mean1))
     fg = np.array([0.5, 1 - a, 1 - b])
     expected_dice = 1 - (2 * (1 - b) + 1) / (fg.sum() + 1 + 1)
-    _, terms = run_loss(logits, target)
+    _, terms = run_loss(logits, target, scaling="per_term_mean")
     assert terms["compact"].item() == pytest.approx(expected_compact, rel=1e-5)
+    assert run_loss(logits, target)[1]["compact"].item() == pytest.approx(expected_published, rel=1e-5)
     assert terms["separation"].item() == pytest.approx(expected_separation, rel=1e-5)
     assert terms["dice"].item() == pytest.approx(expected_dice, rel=1e-5)
 
 
+@pytest.mark.parametrize("scaling", ["published", "per_term_mean"])
 @pytest.mark.parametrize("seed,classes", [(0, 2), (1, 3), (2, 5)])
-def test_terms_match_loop_reference(seed, classes):
+def test_terms_match_loop_reference(seed, classes, scaling):
     logits, target = random_case(seed, c=classes)
-    _, terms = run_loss(logits, target)
-    expected = reference_terms(logits, target)
+    _, terms = run_loss(logits, target, scaling=scaling)
+    expected = reference_terms(logits, target, scaling=scaling)
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-4, abs=1e-6), name
 

@@ -95,7 +95,7 @@ def test_encode_finish_shapes_output_stride_and_taps(model):
             handle.remove()
     assert f45.shape == (1, ResNet38.tap_channels[0], 8, 8)  # output stride 8
     assert f52.shape == (1, ResNet38.tap_channels[1], 8, 8)
-    assert x6.shape == (1, ResNet38.ibm_channels, 8, 8)
+    assert x6.shape == (1, ResNet38.channels_before_deepest, 8, 8)
     assert f7.shape == (1, ResNet38.tap_channels[2], 8, 8)
     assert torch.allclose(f45, expected_f45) and torch.allclose(f52, expected_f52)
     assert (f7 >= 0).all() and torch.isfinite(f7).all() and f7.abs().sum() > 0

@@ -142,13 +142,10 @@ def test_cams_use_the_heads_weights_without_their_bias():
     from models.classifier import Stage1Classifier
 
     class Taps(nn.Module):
-        tap_channels, ibm_channels = (4, 4, 4), 4
+        tap_channels, channels_before_deepest = (4, 4, 4), 4
 
-        def encode(self, x):
+        def taps(self, x, between=None):
             return x[:, :4], x[:, :4], x[:, :4]
-
-        def finish(self, deep):
-            return deep
 
     torch.manual_seed(0)
     model = Stage1Classifier(Taps(), 2, use_ibm=False).eval()

@@ -192,12 +192,12 @@ def test_unknown_class_names_and_wrong_kwargs_are_refused():
 def test_frozen_encoders_get_no_gradient_and_stay_in_eval_mode():
     stage1 = load_script("1_train_stage1")
     cfg = load_config(None, [f"stage1.backbone={TINY}", "stage1.backbone_kwargs={depth: 3}", "stage1.image_size=32",
-                             "stage1.freeze_encoder=true", "device=cpu"])
+                             "stage1.freeze_encoder=true", "stage1.ibm_at=deepest_tap", "device=cpu"])
     model = stage1.build_classifier(cfg)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    optimizer = sgd_with_multipliers([model.backbone], model.new_modules(), 0.1, 0.9, 0.0)
+    optimizer = sgd_with_multipliers([model.backbone], stage1.new_layer_groups(model, cfg.stage1), 0.1, 0.9, 0.0)
     trainable = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert trainable == {id(p) for m in model.new_modules() for p in m.parameters()}
+    assert trainable == {id(p) for group in model.new_modules().values() for m in group for p in m.parameters()}
     model.train()
     assert not model.backbone.training and model.ibm.training
     outputs = model(torch.randn(2, 3, 32, 32))
@@ -235,9 +235,9 @@ def test_layer_decay_scales_each_block_once_more():
     assert all(g["initial_lr"] == g["lr"] for g in optimizer.param_groups)
     assert layer_decay_scales(model.encoder, 1.0) == {}
 
-    classifier = Stage1Classifier(build_backbone(TINY, False, kwargs=TINY_KWARGS), 2)
-    optimizer = sgd_with_multipliers([classifier.backbone], classifier.new_modules(), 0.01, 0.9, 5e-4, 10.0,
-                                     layer_decay_scales(classifier.backbone, 0.5))
+    classifier = Stage1Classifier(build_backbone(TINY, False, kwargs=TINY_KWARGS), 2, ibm_at="deepest_tap")
+    optimizer = sgd_with_multipliers([classifier.backbone], [(classifier.new_modules()["head"], 10.0)], 0.01, 0.9,
+                                     5e-4, layer_decay_scales(classifier.backbone, 0.5))
     rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     embed = dict(classifier.backbone.named_parameters())["features.net.patch_embed.proj.weight"]
     assert rates[id(embed)] == pytest.approx(0.01 * 0.125) and rates[id(classifier.fc8.weight)] == pytest.approx(0.1)

@@ -16,10 +16,10 @@ RESULT_FILES = ("metrics.json", RUN_RECORD)
 
 # Settings that shape a stage's network, so a checkpoint only fits a run that has the same ones.
 NETWORK_SETTINGS = {
-    "stage1": ("data.classes", "stage1.backbone", "stage1.backbone_kwargs", "stage1.ibm", "stage1.out_indices",
-               "stage1.vit_blocks"),
+    "stage1": ("data.classes", "stage1.backbone", "stage1.backbone_kwargs", "stage1.ibm", "stage1.ibm_at",
+               "stage1.out_indices", "stage1.vit_blocks"),
     "stage2": ("data.classes", "stage2.encoder", "stage2.encoder_kwargs", "stage2.vit_block", "stage2.encoder_stage",
-               "stage2.refinement_attention", "stage2.aux_path"),
+               "stage2.refinement_attention", "stage2.refinement_hidden", "stage2.aux_path"),
 }
 
 

@@ -205,6 +205,12 @@ SETTINGS = {
     "stage1.layer_decay": (1.0, LAYER_DECAY),         # Vision Transformers: lr x decay^(blocks above)
     "stage1.grad_checkpointing": (False, FLAG),
     "stage1.ibm": (True, FLAG),
+    # where IBM sits: before the deepest tapped stage, which then reads it (the paper: between ResNet-38's b6 and
+    # b7), or on the deepest tap itself (its output is then the deep head's map)
+    "stage1.ibm_at": ("before_deepest_stage", one_of("before_deepest_stage", "deepest_tap")),
+    "stage1.ibm_edge_from": ("input", one_of("input", "fused")),  # IBM's edge map: of its input, as published
+    "stage1.ibm_lr_mult": (1.0, number(0, 1000, low_open=True)),  # IBM's rate: x1 weights / x2 biases, as published
+    "stage1.side_head_lr_mult": (1.0, number(0, 1000, low_open=True)),  # ic1 and ic2, as published: x1 / x2
     "stage1.image_size": (224, SIDE),                 # training tile size (a multiple of a ViT's patch size)
     "stage1.epochs": (10, whole(0, MANY)),            # 0: no training, the run's checkpoint.pth as it is
     "stage1.batch_size": (20, BATCH),
@@ -213,7 +219,7 @@ SETTINGS = {
     "stage1.weight_decay": (0.0005, FRACTION),
     "stage1.poly_power": (0.9, POLY),
     "stage1.grad_clip": (5.0, number(0, low_open=True)),
-    "stage1.lr_mult_new": (10.0, number(0, 1000, low_open=True)),
+    "stage1.lr_mult_new": (10.0, number(0, 1000, low_open=True)),  # the deep head (fc8): x10 weights
     "stage1.freeze_bn": (True, FLAG),
     "stage1.freeze_stem": (True, FLAG),
     "stage1.head_weights": ([0.2, 0.3, 0.5], numbers(WEIGHT, count=3, not_all_zero=True)),
@@ -264,12 +270,18 @@ SETTINGS = {
     "stage2.iicb.delta": (0.1, WEIGHT),
     "stage2.iicb.eta": (0.1, WEIGHT),
     "stage2.iicb.tau": (0.4, FRACTION),
+    # published: smoothness = vertical mean + horizontal mean, compactness = per-element variances summed over the
+    # classes / C^2; per_term_mean: the mean over all neighbour pairs, the mean trace over the classes present
+    "stage2.iicb.scaling": ("published", one_of("published", "per_term_mean")),
     "stage2.init_from": (None, PATH_OR_NULL),
     "stage2.encoder_from_stage1": (False, FLAG_OR_PATH),  # true: this run's stage-1 checkpoint, or a file
     "stage2.train_masks": ("pseudo", one_of("pseudo", "ground_truth")),
     "stage2.max_train_images": (None, whole(1, MANY).or_null()),
     "stage2.accept_foreign_pseudo_masks": (False, FLAG),
     "stage2.refinement_attention": (True, FLAG),      # DPR's attention on the class logits (false: ablation)
+    "stage2.refinement_hidden": (None, whole(1, 4096).or_null()),  # its channel MLP's width (null: classes // 16,
+                                                      # at least 1, as published; 8 before it was a setting)
+    "stage2.refinement_gate_scale": (1.0, number(0, 10, low_open=True)),  # gate = scale * sigmoid (2: starts near 1)
     "stage2.aux_path": (True, FLAG),                  # DPR's auxiliary path and its loss (false: ablation)
     "stage2.train_on": ("patches", one_of("patches", "whole_images")),
     "stage2.crops_per_image": (1, whole(1, 1000)),

@@ -13,30 +13,31 @@ class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, out of memory); the message says what to change."""
 
 
-def sgd_with_multipliers(pretrained_modules, new_modules, lr, momentum, weight_decay, new_mult=10.0,
-                         layer_scales=None):
-    """SGD with the usual WSSS multipliers: x1 weights / x2 biases for pretrained layers, x10 / x20 for new ones.
+def sgd_with_multipliers(pretrained_modules, new_groups, lr, momentum, weight_decay, layer_scales=None):
+    """SGD with the usual WSSS multipliers: x1 weights / x2 biases for pretrained layers, and for each group of
+    new layers in `new_groups` ([(modules, m)]) xm weights / x2m biases (m = 10: the usual x10 / x20).
 
     Biases and normalisation parameters get no weight decay. Frozen parameters are left out. `layer_scales`
     ({id(param): factor}, see layer_decay_scales) scales the rate of pretrained parameters further.
     """
     layer_scales = layer_scales or {}
     groups, seen = {}, set()
-    for prefix, modules in (("old", pretrained_modules), ("new", new_modules)):
+    for modules, mult in [(pretrained_modules, None), *new_groups]:
         for module in modules:
             for name, param in module.named_parameters():
                 if not param.requires_grad or id(param) in seen:
                     continue
                 seen.add(id(param))
-                scale = layer_scales.get(id(param), 1.0) if prefix == "old" else 1.0
-                groups.setdefault((prefix, "b" if param.ndim <= 1 else "w", scale), []).append(param)
-    spec = {("old", "w"): (1.0, weight_decay), ("old", "b"): (2.0, 0.0),
-            ("new", "w"): (new_mult, weight_decay), ("new", "b"): (2.0 * new_mult, 0.0)}
-    # old weights, old biases, new weights, new biases; deeper layers (larger scale) first within each
-    order = sorted(groups, key=lambda key: (key[0] != "old", key[1] == "b", -key[2]))
-    param_groups = [{"params": groups[key], "lr": lr * spec[key[:2]][0] * key[2],
-                     "initial_lr": lr * spec[key[:2]][0] * key[2], "weight_decay": spec[key[:2]][1]}
-                    for key in order]
+                scale = layer_scales.get(id(param), 1.0) if mult is None else 1.0
+                groups.setdefault((mult is not None, "b" if param.ndim <= 1 else "w", mult or 1.0, scale),
+                                  []).append(param)
+    # old weights, old biases, then new weights and biases; deeper layers (larger scale) first within each
+    order = sorted(groups, key=lambda key: (key[0], key[1] == "b", key[2], -key[3]))
+    param_groups = []
+    for new, kind, mult, scale in order:
+        rate = lr * mult * (2.0 if kind == "b" else 1.0) * scale
+        param_groups.append({"params": groups[(new, kind, mult, scale)], "lr": rate, "initial_lr": rate,
+                             "weight_decay": 0.0 if kind == "b" else weight_decay})
     return sgd(param_groups, lr, momentum, weight_decay)
 
 

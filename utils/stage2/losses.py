@@ -22,10 +22,13 @@ def uncertainty(conf):
     return -(doubt * doubt.log()).mean()
 
 
-def smoothness(probs):
-    """Mean absolute probability difference over all vertical and horizontal neighbour pairs."""
+def smoothness(probs, scaling="published"):
+    """Absolute probability differences of vertical and horizontal neighbours: the mean of each direction,
+    summed (published), or the mean over all pairs of both directions (per_term_mean, half as large)."""
     vertical = (probs[:, :, 1:, :] - probs[:, :, :-1, :]).abs()
     horizontal = (probs[:, :, :, 1:] - probs[:, :, :, :-1]).abs()
+    if scaling == "published":
+        return sum(d.mean() if d.numel() else probs.sum() * 0.0 for d in (vertical, horizontal))
     count = vertical.numel() + horizontal.numel()
     if count == 0:  # a 1 x 1 image has no neighbours
         return probs.sum() * 0.0
@@ -52,8 +55,13 @@ def class_statistics(probs, target, ignore_index):
     return counts, means, variances
 
 
-def compactness(counts, variances):
-    """Within-class variance averaged over the classes present in the pseudo-labels."""
+def compactness(counts, variances, scaling="published"):
+    """Within-class variance of the pseudo-label classes. published: each class's variance per vector element
+    (its trace / C), summed over the classes with two or more pixels and divided by C; per_term_mean: the trace
+    averaged over the classes present (2x the published figure for two classes)."""
+    if scaling == "published":
+        num_classes = variances.shape[0]
+        return (variances * (counts > 1).to(variances.dtype)).sum() / (num_classes * num_classes)
     present = (counts > 0).to(variances.dtype)
     return (variances * present).sum() / present.sum().clamp(min=1.0)
 
@@ -93,8 +101,9 @@ class IICBLoss(nn.Module):
     """Weighted sum of the IICB terms; forward returns (total, detached terms)."""
 
     def __init__(self, alpha=1.0, beta=0.2, gamma=0.1, delta=0.1, eta=0.1, tau=0.4, ignore_index=255,
-                 background=0):
+                 background=0, scaling="published"):
         super().__init__()
+        self.scaling = scaling  # how the smoothness and compactness terms are normalised (see each)
         self.background = background  # class index left out of the Dice term; None: none is
         self.alpha, self.beta, self.gamma, self.delta, self.eta = alpha, beta, gamma, delta, eta
         self.tau = tau
@@ -114,8 +123,8 @@ class IICBLoss(nn.Module):
         terms = {
             "ce": confident_cross_entropy(logits, target, conf, self.tau, self.ignore_index),
             "uncertainty": uncertainty(conf),
-            "smooth": smoothness(probs),
-            "compact": compactness(counts, variances),
+            "smooth": smoothness(probs, self.scaling),
+            "compact": compactness(counts, variances, self.scaling),
             "separation": separation(counts, means),
             "dice": soft_dice_loss(probs, target, self.ignore_index, self.background),
         }

@@ -44,14 +44,25 @@ def segmenter_meta(cfg):
             # microns per pixel of the training images: slides are analysed at this resolution (None: unknown)
             "mpp": None if cfg.data.mpp is None else float(cfg.data.mpp),
             "tta_flip": cfg.stage2.tta_flip, "refinement_attention": cfg.stage2.refinement_attention,
+            "refinement_hidden": refinement_hidden(cfg.stage2.refinement_hidden, len(cfg.data.classes)),
+            "refinement_gate_scale": cfg.stage2.refinement_gate_scale,
             # post-processing the data set's YAML defines; inference applies it only when asked to
             "fill_holes": class_indices(cfg.data.classes, cfg.postprocess.fill_holes)}
 
 
+def refinement_hidden(setting, num_classes):
+    """The refinement attention's hidden width: the setting, or the published 16-fold squeeze (at least 1)."""
+    return setting or max(1, num_classes // 16)
+
+
+# Files from before the width was a setting were made with this one.
+EARLIER_REFINEMENT_HIDDEN = 8
+
 # Metadata values checked by the rules of the settings they were saved from (utils/settings.py).
 META_SETTINGS = {"classes": "data.classes", "palette": "data.palette", "mean": "data.mean", "std": "data.std",
                  "window": "stage2.window", "overlap": "stage2.overlap", "mpp": "data.mpp",
-                 "vit_block": "stage2.vit_block", "encoder_stage": "stage2.encoder_stage"}
+                 "vit_block": "stage2.vit_block", "encoder_stage": "stage2.encoder_stage",
+                 "refinement_hidden": "stage2.refinement_hidden", "refinement_gate_scale": "stage2.refinement_gate_scale"}
 
 
 def check_meta(meta, path):
@@ -110,6 +121,8 @@ def load_segmenter(path, device):
         with torch.device("meta"):
             model = DPR(architecture, len(meta["classes"]), pretrained=False,
                         refine=meta.get("refinement_attention", True), aux=False, encoder_kwargs=kwargs,
+                        refine_hidden=meta.get("refinement_hidden", max(EARLIER_REFINEMENT_HIDDEN, len(meta["classes"]) // 2)),
+                        refine_gate_scale=meta.get("refinement_gate_scale", 1.0),
                         vit_block=meta.get("vit_block", -1), encoder_stage=meta.get("encoder_stage"))
     except (ValueError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{path}: its encoder {architecture} cannot be built with this timm "
