@@ -34,6 +34,8 @@ from utils.config import load_config
 from utils.files import write_json
 from utils.measure import peak_memory_gib, reset_memory, synchronize, training_figure
 from utils.runtime import compile_model, setup_runtime
+from utils.stage2.network import build_segmenter
+from utils.stage2.training import segmenter_train_step
 from utils.timm_settings import resolve_normalisation
 
 # The generated slide: a 40x scan (0.25 um/px) read by a model trained at 20x (0.5 um/px), so tiles are read
@@ -128,13 +130,12 @@ def bench_pseudo_masks(cfg, runtime, s, model, workdir):
 def bench_stage2_training(cfg, runtime, s):
     from utils.stage2.losses import IICBLoss
     from utils.training import sgd_with_layer_decay
-    stage2 = importlib.import_module("2_train_stage2")
-    model = stage2.build_segmenter(cfg).to(runtime.device).to(memory_format=torch.channels_last)
+    model = build_segmenter(cfg).to(runtime.device).to(memory_format=torch.channels_last)
     model.train()
     trainer = compile_model(model) if cfg.compile else model
     optimizer = sgd_with_layer_decay(model, model.encoder, 0.01, 0.9, 5e-4, cfg.stage2.layer_decay)
     scaler = runtime.grad_scaler()
-    train_step = stage2.segmenter_train_step(trainer, model, IICBLoss(), 0.4, runtime, scaler)
+    train_step = segmenter_train_step(trainer, model, IICBLoss(), 0.4, runtime, scaler)
     size = s["stage2_size"]
     images = torch.randn(s["stage2_batch"], 3, size, size, device=runtime.device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -380,7 +381,7 @@ def main(argv=None):
                     result, stage2_model = bench_stage2_training(cfg, runtime, s)
                 else:
                     if stage2_model is None:
-                        stage2_model = importlib.import_module("2_train_stage2").build_segmenter(cfg)
+                        stage2_model = build_segmenter(cfg)
                     run = bench_inference if name == "inference" else bench_slide
                     result = run(cfg, runtime, s, stage2_model.eval(), workdir)
             except USER_ERRORS:  # a setting the user can fix stops the bench with its sentence

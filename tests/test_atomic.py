@@ -21,6 +21,7 @@ from utils.data.datasets import train_items
 from utils.data.imageio import IGNORE_INDEX, DataError, list_images, read_mask
 from utils.files import atomic_path
 from utils.stage1.pseudo_masks import check_pseudo_masks, file_sha256, pseudo_mask_name
+from utils.stage2.training_data import training_pairs
 
 SMALL = ["demo.train_images=16", "stage1.epochs=1", "stage2.epochs=1", "stage1.cam_flip=false",
          "stage1.image_size=32", "stage2.crop_size=32", "stage2.window=32", "demo.val_images=2",
@@ -248,14 +249,14 @@ def test_stage2_refuses_foreign_or_partial_pseudo_masks(tmp_path, trained):
         with pytest.raises(DataError, match="another stage-1 checkpoint.*accept_foreign_pseudo_masks=true"):
             stage2.main(argv)
         cfg = load_config(argv[1], argv[3::2] + ["stage2.accept_foreign_pseudo_masks=true"])
-        images, masks, _ = stage2.training_pairs(cfg)
+        images, masks, _ = training_pairs(cfg)
         assert len(images) == len(masks) == 16
 
         manifest["checkpoint_sha256"], manifest["complete"] = file_sha256(stage1_dir / "checkpoint.pth"), False
         manifest_path.write_text(json.dumps(manifest))
         with pytest.raises(DataError, match="partial or has no manifest"):
             stage2.main(argv)
-        assert len(stage2.training_pairs(cfg)[0]) == 16  # accepted when asked for
+        assert len(training_pairs(cfg)[0]) == 16  # accepted when asked for
 
         manifest_path.write_text(original)
         victim = sorted(pseudo.glob("*.png"))[0]
@@ -263,9 +264,9 @@ def test_stage2_refuses_foreign_or_partial_pseudo_masks(tmp_path, trained):
         victim.unlink()
         try:
             with pytest.raises(DataError, match="1 training images have no pseudo-mask"):
-                stage2.training_pairs(cfg)  # a missing file is refused even when foreign masks are accepted
+                training_pairs(cfg)  # a missing file is refused even when foreign masks are accepted
         finally:
             victim.write_bytes(kept)
-        assert len(stage2.training_pairs(load_config(argv[1], argv[3::2]))[0]) == 16  # the genuine set is fine
+        assert len(training_pairs(load_config(argv[1], argv[3::2]))[0]) == 16  # the genuine set is fine
     finally:
         manifest_path.write_text(original)

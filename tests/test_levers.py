@@ -11,7 +11,10 @@ from utils.data.imageio import IGNORE_INDEX
 from utils.data.transforms import stain_jitter
 from utils.stage1.cam import cams_to_masks, refine_cams
 from utils.stage1.stitch import VoteStitcher, patch_votes
+from utils.stage2.network import build_segmenter
 from utils.stage2.predict import FlipAveraged
+from utils.stage2.training import save_stage2
+from utils.stage2.training_data import training_pairs
 from utils.training import WeightAverage
 
 
@@ -151,13 +154,10 @@ def test_stitched_maps_equal_patch_maps_where_one_patch_covers_a_pixel(tmp_path)
 def test_stage2_on_true_masks_of_whole_images_puts_them_back_together_from_the_patches(tmp_path, capsys):
     """stage2.train_masks=ground_truth with train_on=whole_images: each image and its true mask rebuilt from
     overlapping patches as prepare cuts them; an image with a patch lacking its mask is left out."""
-    import importlib
-
     import pytest
 
     from utils.config import load_config
     from utils.data.imageio import DataError, read_mask, read_rgb
-    stage2 = importlib.import_module("2_train_stage2")
     rng = np.random.default_rng(0)
     whole = {stem: (rng.integers(0, 256, (12, 20, 3), dtype=np.uint8), rng.integers(0, 2, (12, 20), dtype=np.uint8))
              for stem in ("a", "b")}
@@ -169,7 +169,7 @@ def test_stage2_on_true_masks_of_whole_images_puts_them_back_together_from_the_p
                     save_png(tmp_path / "train" / "mask" / f"{stem}_{y}_{x}.png", mask[y:y + 8, x:x + 8])
     cfg = load_config("configs/demo.yaml", [f"data.root={tmp_path}", "stage2.train_masks=ground_truth",
                                             "stage2.train_on=whole_images"])
-    images, masks, encoding = stage2.training_pairs(cfg)
+    images, masks, encoding = training_pairs(cfg)
     assert [p.stem for p in images] == ["a"] and encoding == "index"
     printed = capsys.readouterr().out
     assert "1 whole training images and their true masks" in printed
@@ -178,7 +178,7 @@ def test_stage2_on_true_masks_of_whole_images_puts_them_back_together_from_the_p
     assert np.array_equal(read_mask(masks[0], "index", 2), whole["a"][1])
     (tmp_path / "train" / "mask" / "a_0_0.png").unlink()
     with pytest.raises(DataError, match="lacks masks for some patches of every training image"):
-        stage2.training_pairs(cfg)
+        training_pairs(cfg)
 
 
 def test_ignore_margin_marks_only_pixels_whose_top_two_votes_are_close(tmp_path):
@@ -265,28 +265,27 @@ def test_stage2_encoder_starts_from_the_stage1_backbone(tmp_path):
     from utils.checkpoint import STAGE1_FORMAT, CheckpointError, save_checkpoint
     from utils.config import ConfigError, load_config
     stage1 = importlib.import_module("1_train_stage1")
-    stage2 = importlib.import_module("2_train_stage2")
     settings = [f"runs_dir={tmp_path}", "stage2.encoder_from_stage1=true"]
     cfg = load_config("configs/demo.yaml", settings)
     with pytest.raises(ConfigError, match="no stage-1 checkpoint"):
-        stage2.build_segmenter(cfg)
+        build_segmenter(cfg)
     classifier = stage1.build_classifier(cfg)
     path = tmp_path / cfg.name / "stage1" / "checkpoint.pth"
     path.parent.mkdir(parents=True)
     save_checkpoint(path, {"format": STAGE1_FORMAT, "model": classifier.state_dict(), "config": cfg.to_dict()})
-    model = stage2.build_segmenter(cfg)
+    model = build_segmenter(cfg)
     copied = classifier.backbone.net.state_dict()
     encoder = model.encoder.state_dict()
     assert {"conv1.weight", "layer1.0.conv1.weight", "layer2.0.conv1.weight"} <= set(encoder)
     assert all(torch.equal(encoder[key], copied[key]) for key in encoder)
-    fresh = stage2.build_segmenter(load_config("configs/demo.yaml", [f"runs_dir={tmp_path}"]))
+    fresh = build_segmenter(load_config("configs/demo.yaml", [f"runs_dir={tmp_path}"]))
     assert not torch.equal(fresh.encoder.state_dict()["conv1.weight"], copied["conv1.weight"])
     with pytest.raises(ConfigError, match="same network in both stages"):
-        stage2.build_segmenter(load_config("configs/demo.yaml", settings + ["stage2.encoder=resnet34"]))
+        build_segmenter(load_config("configs/demo.yaml", settings + ["stage2.encoder=resnet34"]))
     cut = {key: value for key, value in classifier.state_dict().items() if ".layer2." not in key}
     save_checkpoint(path, {"format": STAGE1_FORMAT, "model": cut, "config": cfg.to_dict()})
     with pytest.raises(CheckpointError, match="layer2"):  # a backbone without the stages the encoder needs
-        stage2.build_segmenter(cfg)
+        build_segmenter(cfg)
 
 
 def test_stage2_decodes_the_dilated_stage1_layer3_and_keeps_it_in_its_file(tmp_path):
@@ -299,10 +298,9 @@ def test_stage2_decodes_the_dilated_stage1_layer3_and_keeps_it_in_its_file(tmp_p
     from utils.stage2.predict import load_segmenter
     from utils.timm_settings import resolve_normalisation
     stage1 = importlib.import_module("1_train_stage1")
-    stage2 = importlib.import_module("2_train_stage2")
     deep = [f"runs_dir={tmp_path}", "stage1.out_indices=[1, 2, 3]", "stage1.output_stride=32"]
     with pytest.raises(ConfigError, match="stage2.encoder_stage.*output_stride: 8"):
-        stage2.build_segmenter(load_config("configs/demo.yaml", deep + ["stage2.encoder_stage=3"]))
+        build_segmenter(load_config("configs/demo.yaml", deep + ["stage2.encoder_stage=3"]))
     settings = deep + ["stage2.encoder_from_stage1=true", "stage2.encoder_kwargs={output_stride: 8}",
                        "stage2.encoder_stage=3"]
     cfg = load_config("configs/demo.yaml", settings)
@@ -310,7 +308,7 @@ def test_stage2_decodes_the_dilated_stage1_layer3_and_keeps_it_in_its_file(tmp_p
     path = tmp_path / cfg.name / "stage1" / "checkpoint.pth"
     path.parent.mkdir(parents=True)
     save_checkpoint(path, {"format": STAGE1_FORMAT, "model": classifier.state_dict(), "config": cfg.to_dict()})
-    model = stage2.build_segmenter(cfg).eval()
+    model = build_segmenter(cfg).eval()
     copied, encoder = classifier.backbone.net.state_dict(), model.encoder.state_dict()
     assert "layer3.0.conv1.weight" in encoder and not any(key.startswith("layer4.") for key in encoder)
     assert all(torch.equal(encoder[key], copied[key]) for key in encoder)
@@ -318,7 +316,7 @@ def test_stage2_decodes_the_dilated_stage1_layer3_and_keeps_it_in_its_file(tmp_p
     assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 256, 4, 4)
     resolve_normalisation(cfg, "stage2")  # the mean and std a stage-2 file carries
     saved = tmp_path / "best.pth"
-    stage2.save_stage2(saved, model, cfg, {"epoch": 1})
+    save_stage2(saved, model, cfg, {"epoch": 1})
     loaded, _ = load_segmenter(saved, torch.device("cpu"))
     x = torch.rand(1, 3, 40, 48)
     with torch.no_grad():
@@ -332,12 +330,11 @@ def test_frozen_stages_keep_their_weights_and_statistics_while_later_stages_lear
 
     from utils.config import ConfigError, load_config
     stage1 = importlib.import_module("1_train_stage1")
-    stage2 = importlib.import_module("2_train_stage2")
     cfg = load_config("configs/demo.yaml", ["stage1.backbone=resnet10t", "stage1.frozen_stages=2",
                                             "stage1.freeze_bn=false", "stage2.encoder=resnet10t",
                                             "stage2.frozen_stages=2"])
     torch.manual_seed(0)
-    for model, net in ((stage1.build_classifier(cfg), None), (stage2.build_segmenter(cfg), None)):
+    for model, net in ((stage1.build_classifier(cfg), None), (build_segmenter(cfg), None)):
         net = model.backbone.net if hasattr(model, "backbone") else model.encoder
         before = {k: v.clone() for k, v in net.state_dict().items()}
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -26,6 +26,7 @@ CPU = Runtime(torch.device("cpu"), None)
 
 
 # ---------------------------------------------------------------------------- every pixel counts
+from utils.stage2.evaluation import evaluate
 def test_unclaimed_pixels_are_misses_not_skipped():
     truth = np.array([[0, 1, 1, 2]])
     predicted = np.array([[0, 1, IGNORE_INDEX, IGNORE_INDEX]])
@@ -230,19 +231,18 @@ class RingModel(nn.Module):
 
 
 def test_stage2_scores_raw_masks_and_post_processed_masks_apart(tmp_path):
-    stage2 = load_script("2_train_stage2")
     truth = ring()
     truth[8:16, 8:16] = 1  # the truth's gland includes its lumen
     items = write_split(tmp_path / "test", truth)
     cfg = load_config(None, ["postprocess.fill_holes=[gland]", "stage2.window=32", "stage2.overlap=0"])
     resolve_normalisation(cfg, "stage2")
     folders = (tmp_path / "predictions", tmp_path / "overlays")
-    raw, cleaned = stage2.evaluate(RingModel(), items, cfg, CPU, folders, postprocess=True)
+    raw, cleaned = evaluate(RingModel(), items, cfg, CPU, folders, postprocess=True)
     assert scores(raw)["iou"][1] == pytest.approx(192 / 256)
     assert scores(cleaned)["iou"][1] == 1.0
     saved = np.asarray(Image.open(tmp_path / "predictions" / "a.png"))
     assert (saved == ring()).all()  # what is saved is the network's own mask
-    _, none = stage2.evaluate(RingModel(), items, cfg, CPU)
+    _, none = evaluate(RingModel(), items, cfg, CPU)
     assert none is None  # per-epoch validation: no post-processing at all
 
 

@@ -7,6 +7,7 @@ from conftest import load_script, tiny_demo_args
 from utils.data.datasets import train_items
 from utils.data.imageio import read_mask
 from utils.evaluation.metrics import confusion_matrix, scores
+from utils.stage2.training_data import training_pairs
 
 
 def test_stage1_end_to_end_on_tiny_demo(tmp_path):
@@ -76,7 +77,7 @@ def test_class_maps_averaged_with_another_checkpoint(tmp_path):
     from utils.config import load_config
     from utils.data.imageio import DataError
     from utils.stage1.pseudo_masks import file_sha256, masks_checkpoint_sha, read_manifest
-    stage1, stage2 = load_script("1_train_stage1"), load_script("2_train_stage2")
+    stage1 = load_script("1_train_stage1")
     missing = tmp_path / "runs" / "other" / "stage1" / "checkpoint.pth"
     with pytest.raises(DataError, match="stage1.average_cams_with: .*other.*is not a file"):
         stage1.main(tiny_demo_args(tmp_path, f"stage1.average_cams_with=[{missing}]"))
@@ -100,7 +101,7 @@ def test_class_maps_averaged_with_another_checkpoint(tmp_path):
     assert sha == masks_checkpoint_sha(own, [missing]) and sha != file_sha256(own)
 
     cfg = load_config(str(tiny_demo_args(tmp_path)[1]), tiny_demo_args(tmp_path, *setting)[3::2])
-    assert len(stage2.training_pairs(cfg)[0]) == len(names)
+    assert len(training_pairs(cfg)[0]) == len(names)
     cfg.stage1.average_cams_with = []
     with pytest.raises(DataError, match="another stage-1 checkpoint"):
-        stage2.training_pairs(cfg)
+        training_pairs(cfg)

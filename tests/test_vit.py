@@ -21,6 +21,7 @@ from utils.timm_settings import model_kwargs, resolve_normalisation
 from utils.training import layer_decay_scales, sgd_with_layer_decay, sgd_with_multipliers
 
 TINY = "vit_tiny_patch16_224"
+from utils.stage2.network import build_segmenter
 TINY_KWARGS = {"depth": 3}
 # patch 14 and four register tokens, as in DINOv2-style pathology models (H-optimus, Virchow2, UNI2)
 TINY_REG = ("vit_small_patch14_reg4_dinov2", {"depth": 3, "embed_dim": 48, "num_heads": 2})
@@ -89,9 +90,8 @@ def test_stage1_sizes_and_blocks_are_checked_against_the_vit():
         stage1.build_classifier(load_config(None, base + ["stage1.image_size=96", "stage1.vit_blocks=[0, 1, 7]"]))
     with pytest.raises(ConfigError, match="stage1.layer_decay"):
         stage1.build_classifier(load_config(None, ["stage1.backbone=resnet10t", "stage1.layer_decay=0.8"]))
-    stage2 = load_script("2_train_stage2")
     with pytest.raises(ConfigError, match=r"stage2\.window=90 is not a multiple"):
-        stage2.build_segmenter(load_config(None, [f"stage2.encoder={TINY}", "stage2.encoder_kwargs={depth: 3}",
+        build_segmenter(load_config(None, [f"stage2.encoder={TINY}", "stage2.encoder_kwargs={depth: 3}",
                                                   "stage2.crop_size=64", "stage2.window=90"]))
 
 
@@ -151,12 +151,11 @@ def test_a_weight_file_that_does_not_fit_is_refused_with_the_keys_named(tmp_path
     assert "mask_token" in str(error.value)
     # the same file for a model with register tokens: the missing token is named
     write_full_vit(tmp_path / "plain.bin", TINY, TINY_KWARGS)
-    stage2 = load_script("2_train_stage2")
     cfg = load_config(None, [f"stage2.encoder={TINY}", "stage2.encoder_kwargs={depth: 3, reg_tokens: 4}",
                              f"stage2.pretrained={tmp_path / 'plain.bin'}", "stage2.crop_size=64",
                              "stage2.window=64"])
     with pytest.raises(CheckpointError, match=r"stage2\.pretrained: .*plain\.bin.*missing keys: reg_token"):
-        stage2.build_segmenter(cfg)
+        build_segmenter(cfg)
 
 
 # --------------------------------------------------------------------------------------------- kwargs
@@ -183,9 +182,8 @@ def test_unknown_class_names_and_wrong_kwargs_are_refused():
     # --set adds one kwarg to those of the YAML
     cfg = load_config(ROOT / "configs" / "glas_uni.yaml", ["stage1.backbone_kwargs.reg_tokens=0"])
     assert cfg.stage1.backbone_kwargs == {"init_values": "1e-5", "dynamic_img_size": True, "reg_tokens": 0}
-    stage2 = load_script("2_train_stage2")
     with pytest.raises(ConfigError, match=r"stage2\.encoder_kwargs' does not fit resnet10t"):
-        stage2.build_segmenter(load_config(None, ["stage2.encoder=resnet10t", "stage2.encoder_kwargs={reg_tokens: 4}"]))
+        build_segmenter(load_config(None, ["stage2.encoder=resnet10t", "stage2.encoder_kwargs={reg_tokens: 4}"]))
 
 
 # ---------------------------------------------------------------------------------- training settings
@@ -252,8 +250,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(torch.randn(2, 3, 32, 48)).square().mean().backward()
         gradients.append(model.encoder.net.blocks[0].attn.qkv.weight.grad)
     torch.testing.assert_close(gradients[0], gradients[1])
-    stage2 = load_script("2_train_stage2")
-    model = stage2.build_segmenter(load_config(None, [f"stage2.encoder={TINY}", "stage2.encoder_kwargs={depth: 3}",
+    model = build_segmenter(load_config(None, [f"stage2.encoder={TINY}", "stage2.encoder_kwargs={depth: 3}",
                                                       "stage2.crop_size=64", "stage2.window=64",
                                                       "stage2.grad_checkpointing=true"]))
     assert model.encoder.net.grad_checkpointing
