@@ -27,7 +27,7 @@ from utils.evaluation.metrics import scores
 from utils.evaluation.postprocess import class_indices, describe
 from utils.files import write_json
 from utils.provenance import RUN_RECORD, StepTimer
-from utils.run_folder import begin_record, check_checkpoint_fits, stage1_checkpoint_to_use
+from utils.run_folder import begin_record, check_checkpoint_fits, check_resumed_epochs, stage1_checkpoint_to_use
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run, unwrap
 from utils.stage1.mask_writing import save_samples, write_pseudo_masks
 from utils.stage1.pseudo_masks import check_averaged_checkpoints, masks_checkpoint_sha
@@ -142,6 +142,7 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, STAGE1_FORMAT)
         load_weights(model, state, cfg, checkpoint_path, "--resume continues it")
+        check_resumed_epochs(state["epoch"], s1.epochs, checkpoint_path, "stage1.epochs")
         if "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
@@ -149,7 +150,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         start_epoch, step = state["epoch"], state["step"]
         log.truncate(start_epoch)
         if runtime.is_main:
-            print(f"resuming stage 1 at epoch {start_epoch + 1} of {s1.epochs}")
+            print(f"resuming stage 1 at epoch {start_epoch + 1} of {s1.epochs}" if start_epoch < s1.epochs else
+                  f"stage 1: {checkpoint_path} has finished its {s1.epochs} epochs; nothing left to train")
     trainer = model
     if runtime.distributed:
         trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if runtime.device.type == "cpu"

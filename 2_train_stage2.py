@@ -4,7 +4,9 @@ the best epoch by validation mIoU, and score it on the test set.
     python 2_train_stage2.py --config configs/glas.yaml [--set stage2.epochs=3] [--resume]
 
 Writes runs/<name>/stage2/{config.yaml, best.pth, best.safetensors, last.pth, log.csv, metrics.json, run.json,
-predictions/<split>/, overlays/<split>/, test_samples.png}. Every figure is computed without post-processing,
+predictions/<split>/, overlays/<split>/, test_samples.png}; with stage2.rounds above 1 (self-training), the
+earlier rounds' models and logs in stage2/round<k>/ and the masks of the training images each round learnt
+from in stage2/masks_round<k>/. Every figure is computed without post-processing,
 and again with the YAML's `postprocess` steps when there are any; the best epoch is chosen on the
 validation mIoU without post-processing. A final model trained on every image (`stage2.keep_epoch: last`)
 keeps its last epoch instead and needs no validation images; best.pth is then that epoch.
@@ -23,8 +25,9 @@ from utils.run_folder import begin_record
 from utils.runtime import cleanup, setup_runtime, start_run
 from utils.stage2.evaluation import evaluate, save_test_sheet
 from utils.stage2.network import build_segmenter
+from utils.stage2.relabel import relabel_training_images, round_folder
 from utils.stage2.training import train_segmenter
-from utils.stage2.training_data import validation_items
+from utils.stage2.training_data import training_pairs, validation_items
 from utils.timm_settings import resolve_normalisation
 
 
@@ -54,10 +57,28 @@ def main(argv=None):
         for split in missing:
             print(f"test split '{split}' is not in {cfg.data.root} (no {split}/img folder); skipped.")
 
-    model = build_segmenter(cfg)
-    best_path = train_segmenter(cfg, model, runtime, out_dir, val_items, args.resume)
-    best = load_checkpoint(best_path, STAGE2_FORMAT)
-    model.load_state_dict(best["model"])
+    # Self-training: round 1 learns from stage 1's pseudo-masks; each later round starts afresh and learns from
+    # the previous round's predictions on the training images. The last round's files are the run's.
+    s2, pairs, relabelled, model, best_path = cfg.stage2, None, {}, None, None
+    for round_number in range(1, s2.rounds + 1):
+        round_dir = out_dir if round_number == s2.rounds else out_dir / f"round{round_number}"
+        label = f" round {round_number}/{s2.rounds}" if s2.rounds > 1 else ""
+        if round_number > 1:
+            images = training_pairs(cfg)[0]
+            masks, confusion = relabel_training_images(cfg, model, images, s2.train_on == "whole_images",
+                                                       round_folder(out_dir, round_number), best_path,
+                                                       runtime)
+            pairs = (images, masks, "index")
+            relabelled[str(round_number)] = scores(confusion) if confusion is not None else None
+            if runtime.is_main:
+                print(f"round {round_number} learns from round {round_number - 1}'s masks of {len(images)} training "
+                      f"images in {masks[0].parent}" + (f" (against their true masks: mIoU "
+                      f"{relabelled[str(round_number)]['miou']:.4f})" if confusion is not None else ""))
+        model = build_segmenter(cfg, use_init_from=round_number == 1)
+        epochs = s2.epochs if round_number == 1 or s2.round_epochs is None else s2.round_epochs
+        best_path = train_segmenter(cfg, model, runtime, round_dir, val_items, args.resume, pairs, epochs, label)
+        best = load_checkpoint(best_path, STAGE2_FORMAT)
+        model.load_state_dict(best["model"])
     metrics, postprocessed = {}, {}
     for split, items in held_out.items():
         save_dirs = None if split == "val" else (out_dir / "predictions" / split, out_dir / "overlays" / split)
@@ -70,6 +91,8 @@ def main(argv=None):
         metrics["postprocessed"] = {"steps": steps, **postprocessed}
     metrics["images"] = {split: [item.stem for item in items] for split, items in held_out.items()}
     metrics["best_epoch"] = best.get("epoch")
+    if s2.rounds > 1:
+        metrics["self_training"] = {"rounds": s2.rounds, "relabelled_train": relabelled}
     metrics["selected_by"] = ("validation mIoU without post-processing" if cfg.stage2.keep_epoch == "best_val"
                               else "the last epoch (stage2.keep_epoch: last)")
     if runtime.is_main:

@@ -207,3 +207,21 @@ def test_half_precision_logits_and_shape_errors():
     assert total.dtype == torch.float32 and torch.isfinite(total)
     with pytest.raises(ValueError, match="N x H x W"):
         IICBLoss()(torch.tensor(logits), torch.tensor(target)[:, :-1])
+
+
+def test_oeem_weights_favour_easy_pixels_and_leave_one_class_images_alone():
+    from utils.stage2.losses import easy_pixel_weights
+    # image 0: two classes, losses 0, 1, 2 and one ignored pixel; image 1: one class only
+    per_pixel = torch.tensor([[[0.0, 1.0, 2.0, 5.0]], [[0.0, 3.0, 1.0, 2.0]]])
+    target = torch.tensor([[[0, 1, 1, IGNORE]], [[1, 1, 1, 1]]])
+    weights = easy_pixel_weights(per_pixel, target, IGNORE, 2)
+    easy = np.exp(-np.array([0.0, 1.0, 2.0]))
+    assert torch.allclose(weights[0, 0, :3], torch.tensor(3 * easy / easy.sum(), dtype=torch.float32))
+    assert weights[0, 0, 3] == 0 and torch.equal(weights[1], torch.ones(1, 4))
+    # in the loss: a pixel the network fights (a wrong label, large loss) counts less than with plain weights
+    logits = torch.tensor([[[[4.0, 4.0, -4.0]], [[-4.0, -4.0, 4.0]]]])
+    wrong = torch.tensor([[[0, 1, 1]]])  # the middle pixel's label disagrees with a confident prediction
+    plain = run_loss(logits.numpy(), wrong.numpy(), beta=0, gamma=0, delta=0, eta=0, tau=0.0)[1]["ce"]
+    easy_first = run_loss(logits.numpy(), wrong.numpy(), beta=0, gamma=0, delta=0, eta=0, tau=0.0,
+                          pixel_weighting="oeem")[1]["ce"]
+    assert easy_first < 0.5 * plain

@@ -67,6 +67,15 @@ def stage1_checkpoint_to_use(cfg, masks_only=False):
     return path
 
 
+def check_resumed_epochs(done, asked, path, setting):
+    """--resume continues a run to its end; one asked to end before the epochs its checkpoint has already trained
+    would leave a record that describes a shorter run than the model beside it."""
+    if done > asked:
+        raise ConfigError(f"{path} has already trained {done} epochs, and {setting} asks for {asked}; --resume "
+                          f"continues a run to its end: ask for at least {done} epochs, or start a fresh run "
+                          "under another name.")
+
+
 def check_checkpoint_fits(saved_config, cfg, stage, path, action):
     """Refuse a checkpoint made with other network settings than this run's, naming the first that differs.
     `action` says what the checkpoint is for ("--resume continues it")."""

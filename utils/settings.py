@@ -273,6 +273,8 @@ SETTINGS = {
     # published: smoothness = vertical mean + horizontal mean, compactness = per-element variances summed over the
     # classes / C^2; per_term_mean: the mean over all neighbour pairs, the mean trace over the classes present
     "stage2.iicb.scaling": ("published", one_of("published", "per_term_mean")),
+    # the cross-entropy term's pixels: all alike, or OEEM's online easy-example weights (the easy ones weigh more)
+    "stage2.iicb.pixel_weighting": ("none", one_of("none", "oeem")),
     "stage2.init_from": (None, PATH_OR_NULL),
     "stage2.encoder_from_stage1": (False, FLAG_OR_PATH),  # true: this run's stage-1 checkpoint, or a file
     "stage2.train_masks": ("pseudo", one_of("pseudo", "ground_truth")),
@@ -288,6 +290,12 @@ SETTINGS = {
     "stage2.tta_flip": (False, FLAG),
     "stage2.ema_decay": (0.0, FRACTION),              # moving average of the weights (0: off), e.g. 0.999
     "stage2.keep_epoch": ("best_val", one_of("best_val", "last")),
+    # self-training: rounds of stage 2, each after the first learning afresh from the previous round's masks of the
+    # training images (pixels under relabel_confidence unlabelled; classes the tiles' labels lack kept out)
+    "stage2.rounds": (1, whole(1, 20)),
+    "stage2.round_epochs": (None, whole(1, MANY).or_null()),  # epochs of the rounds after the first (null: epochs)
+    "stage2.relabel_confidence": (0.0, FRACTION),
+    "stage2.relabel_with_labels": (True, FLAG),
     "stage2.hed_jitter": (0.0, FRACTION),
     "stage2.color_jitter": (0.0, FRACTION),
     "stage2.scale_jitter": (0.0, FRACTION),           # image and mask resized by U(1 - s, 1 + s) (0: off)

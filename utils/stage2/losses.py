@@ -9,10 +9,27 @@ DICE_SMOOTHING = 1.0
 COSINE_EPS = 1e-8
 
 
-def confident_cross_entropy(logits, target, conf, tau, ignore_index):
-    """Cross-entropy averaged over labelled pixels whose max probability exceeds tau; 0 if there are none."""
+def easy_pixel_weights(per_pixel, target, ignore_index, num_classes):
+    """OEEM's online easy-example weights (Li et al., MICCAI 2022): within each image, a labelled pixel weighs
+    exp(-loss) over the image's mean of exp(-loss), so pixels the network already agrees with (likely right
+    labels) count more than those it fights (likely wrong ones); mean weight 1 per image. An image whose
+    pseudo-mask holds one class has nothing to tell apart and keeps weight 1. Detached: weights are not learnt."""
+    labelled = target != ignore_index
+    flat = (-per_pixel.detach()).masked_fill(~labelled, float("-inf")).flatten(1)
+    counts = labelled.flatten(1).sum(dim=1, keepdim=True).clamp(min=1)
+    weights = (torch.softmax(flat, dim=1).nan_to_num(0.0) * counts).view_as(per_pixel)
+    members = F.one_hot(torch.where(labelled, target, 0), num_classes) * labelled.unsqueeze(-1)
+    single = ((members.flatten(1, 2).sum(dim=1) > 0).sum(dim=1) <= 1)[:, None, None]
+    return torch.where(single, torch.ones_like(weights), weights)
+
+
+def confident_cross_entropy(logits, target, conf, tau, ignore_index, weighting="none"):
+    """Cross-entropy averaged over labelled pixels whose max probability exceeds tau; 0 if there are none.
+    weighting "oeem": each pixel's term weighted by easy_pixel_weights."""
     per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
     selected = ((conf > tau) & (target != ignore_index)).to(per_pixel.dtype)
+    if weighting == "oeem":
+        per_pixel = per_pixel * easy_pixel_weights(per_pixel, target, ignore_index, logits.shape[1])
     return (per_pixel * selected).sum() / selected.sum().clamp(min=1.0)
 
 
@@ -101,8 +118,9 @@ class IICBLoss(nn.Module):
     """Weighted sum of the IICB terms; forward returns (total, detached terms)."""
 
     def __init__(self, alpha=1.0, beta=0.2, gamma=0.1, delta=0.1, eta=0.1, tau=0.4, ignore_index=255,
-                 background=0, scaling="published"):
+                 background=0, scaling="published", pixel_weighting="none"):
         super().__init__()
+        self.pixel_weighting = pixel_weighting  # "oeem": easy pixels weigh more in the cross-entropy term
         self.scaling = scaling  # how the smoothness and compactness terms are normalised (see each)
         self.background = background  # class index left out of the Dice term; None: none is
         self.alpha, self.beta, self.gamma, self.delta, self.eta = alpha, beta, gamma, delta, eta
@@ -121,7 +139,7 @@ class IICBLoss(nn.Module):
         conf = probs.amax(dim=1)
         counts, means, variances = class_statistics(probs, target, self.ignore_index)
         terms = {
-            "ce": confident_cross_entropy(logits, target, conf, self.tau, self.ignore_index),
+            "ce": confident_cross_entropy(logits, target, conf, self.tau, self.ignore_index, self.pixel_weighting),
             "uncertainty": uncertainty(conf),
             "smooth": smoothness(probs, self.scaling),
             "compact": compactness(counts, variances, self.scaling),

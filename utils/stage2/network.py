@@ -10,7 +10,9 @@ from utils.timm_settings import check_vit_settings, inspect_network
 from utils.weight_packages import check_weight_source
 
 
-def build_segmenter(cfg):
+def build_segmenter(cfg, use_init_from=True):
+    """DPR as the config describes it; later self-training rounds start afresh (use_init_from False): from the
+    encoder's pretrained weights, or the stage-1 backbone, as round 1 does without stage2.init_from."""
     s2 = cfg.stage2
     try:
         check_weight_source(s2.pretrained, "stage2.pretrained")
@@ -25,7 +27,8 @@ def build_segmenter(cfg):
                     refine_gate_scale=s2.refinement_gate_scale)
     except ValueError as error:
         raise CheckpointError(f"stage2.pretrained: {error}") from None
-    if s2.init_from:
+    init_from = s2.init_from if use_init_from else None
+    if init_from:
         state = load_checkpoint(s2.init_from, STAGE2_FORMAT)
         try:
             model.load_state_dict(state["model"])
@@ -33,7 +36,7 @@ def build_segmenter(cfg):
             raise CheckpointError(f"stage2.init_from: {s2.init_from} does not fit a {s2.encoder} DPR with "
                                   f"{len(cfg.data.classes)} classes.") from None
         print(f"starting from {s2.init_from}")
-    if s2.encoder_from_stage1 and not s2.init_from:
+    if s2.encoder_from_stage1 and not init_from:
         start_encoder_from_stage1(cfg, model)
     if s2.frozen_stages:
         if model.size_multiple > 1:

@@ -11,7 +11,7 @@ from utils.config import background_index
 from utils.cuda_graphs import TrainStep
 from utils.data.datasets import SegmentationSet, training_loader
 from utils.evaluation.metrics import scores
-from utils.run_folder import begin_record, check_checkpoint_fits
+from utils.run_folder import begin_record, check_checkpoint_fits, check_resumed_epochs
 from utils.runtime import compile_model
 from utils.stage2.evaluation import evaluate
 from utils.stage2.losses import IICBLoss
@@ -40,20 +40,24 @@ def segmenter_train_step(trainer, model, criterion, aux_weight, runtime, scaler=
     return TrainStep(forward_loss, model.parameters(), runtime, scaler)
 
 
-def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
+def train_segmenter(cfg, model, runtime, out_dir, val_items, resume, pairs=None, epochs=None, round_label=""):
+    """Train `model` into out_dir for `epochs` (stage2.epochs) on `pairs` (images, masks, mask encoding; the
+    config's training_pairs when None); returns the kept model's file. `round_label` names a self-training
+    round in progress lines."""
     s2 = cfg.stage2
     if s2.batch_size % runtime.world_size:
         raise TrainingError(f"stage2.batch_size={s2.batch_size} is not divisible by the {runtime.world_size} "
                             "processes; choose a multiple of the process count.")
     per_rank_batch = s2.batch_size // runtime.world_size
-    if s2.epochs == 0:  # score stage2.init_from as it is (the "before" of few-shot adaptation): no training data
+    epochs = s2.epochs if epochs is None else epochs
+    if epochs == 0:  # score stage2.init_from as it is (the "before" of few-shot adaptation): no training data
         model.to(runtime.device).to(memory_format=torch.channels_last)
         if runtime.is_main:
             begin_record(cfg, out_dir)
             save_stage2(out_dir / "best.pth", model, cfg, {"epoch": 0})
         runtime.barrier()
         return out_dir / "best.pth"
-    images, masks, encoding = training_pairs(cfg)
+    images, masks, encoding = pairs or training_pairs(cfg)
     check_crop_size(s2.crop_size, images, s2.train_on)
     dataset = SegmentationSet(images, masks, s2.crop_size, cfg.data.mean, cfg.data.std, encoding,
                               len(cfg.data.classes), augment=True, seed=cfg.seed,
@@ -72,7 +76,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     model.to(runtime.device).to(memory_format=torch.channels_last)
     optimizer = sgd_with_layer_decay(model, model.encoder, s2.lr, s2.momentum, s2.weight_decay, s2.layer_decay)
     criterion = IICBLoss(**s2.iicb, background=background_index(cfg.data.classes, cfg.data.background))
-    total_steps = max(1, s2.epochs * len(loader))
+    total_steps = max(1, epochs * len(loader))
     gated = isinstance(model.refine, RefinementAttention)  # its mean gates go into the log
     log = CsvLog(out_dir / "log.csv", ["epoch", "loss", "val_miou", "val_mdice"]
                  + (["channel_gate", "spatial_gate"] if gated else []) + ["lr", "seconds"], keep_existing=resume)
@@ -85,6 +89,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     if resume and last_path.is_file():
         state = load_checkpoint(last_path, STAGE2_FORMAT)
         check_checkpoint_fits(state.get("config"), cfg, "stage2", last_path, "--resume continues it")
+        check_resumed_epochs(state["epoch"], epochs, last_path, "stage2.epochs" if not round_label else
+                             "stage2.round_epochs")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -94,7 +100,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         start_epoch, step, best = state["epoch"], state["step"], state["best_miou"]
         log.truncate(start_epoch)
         if runtime.is_main:
-            print(f"resuming stage 2 at epoch {start_epoch + 1} of {s2.epochs}")
+            print(f"resuming stage 2{round_label} at epoch {start_epoch + 1} of {epochs}" if start_epoch < epochs else
+                  f"stage 2{round_label}: {last_path} has finished its {epochs} epochs; nothing left to train")
     trainer = model
     if runtime.distributed:
         trainer = torch.nn.parallel.DistributedDataParallel(
@@ -102,11 +109,12 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
     if cfg.compile:
         trainer = compile_model(trainer)
     train_step = segmenter_train_step(trainer, model, criterion, s2.aux_weight, runtime, scaler)
-    for epoch in range(start_epoch, s2.epochs):
+    for epoch in range(start_epoch, epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
         started, loss_sum, seen, gate_sum = time.perf_counter(), 0.0, 0, 0.0
-        bar = tqdm(loader, desc=f"stage 2 epoch {epoch + 1}/{s2.epochs}", leave=False, disable=not runtime.is_main)
+        bar = tqdm(loader, desc=f"stage 2{round_label} epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not runtime.is_main)
         for batch, target, _ in bar:
             batch = batch.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             target = target.to(runtime.device, non_blocking=True)
@@ -134,7 +142,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume):
         improved = values is not None and values["miou"] > best
         if improved:
             best = values["miou"]
-        keep = improved if s2.keep_epoch == "best_val" else epoch + 1 == s2.epochs
+        keep = improved if s2.keep_epoch == "best_val" else epoch + 1 == epochs
         row = {"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5),
                "val_miou": round(values["miou"], 5) if values else "",
                "val_mdice": round(values["mdice"], 5) if values else "",
