@@ -29,8 +29,9 @@ from utils.files import write_json
 from utils.provenance import RUN_RECORD, StepTimer
 from utils.run_folder import begin_record, check_checkpoint_fits, check_resumed_epochs, stage1_checkpoint_to_use
 from utils.runtime import cleanup, compile_model, setup_runtime, start_run, unwrap
-from utils.stage1.mask_writing import save_samples, write_pseudo_masks
+from utils.stage1.mask_writing import save_samples, write_pseudo_masks, write_whole_images
 from utils.stage1.pseudo_masks import check_averaged_checkpoints, masks_checkpoint_sha
+from utils.stage1.refinement import check_refinement, label_refiner
 from utils.stage1.scoring import score_whole_images
 from utils.timm_settings import check_vit_settings, inspect_network, resolve_normalisation
 from utils.training import (CsvLog, TrainingError, check_finite, freeze_batchnorm, layer_decay_scales,
@@ -245,6 +246,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="rewrite pseudo-masks that already exist")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    check_refinement(cfg.stage1)
     train = stage1_checkpoint_to_use(cfg, args.masks_only) is None
     checkpoint_path = run_dir(cfg, "stage1") / "checkpoint.pth"
     normalisation = resolve_normalisation(cfg, "stage1")
@@ -286,23 +288,40 @@ def main(argv=None):
     model = model.to(runtime.device).to(memory_format=torch.channels_last)
     checkpoint_sha = masks_checkpoint_sha(checkpoint_path, cfg.stage1.average_cams_with)
 
-    confusion, samples, skipped = write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, args.overwrite)
-    metrics, postprocessed = {}, {}
+    confusion, samples, skipped, stitcher = write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha,
+                                                               args.overwrite)
+    metrics, postprocessed, refined = {}, {}, {}
     if any(item.mask is not None for item in items):
         metrics["train"] = scores(confusion)
     tile = training_tile_size([item.image for item in items])
+    # Optional steps between the class maps and the pseudo-masks (affinity propagation, dense CRF), fitted on the
+    # stitched training images, then applied to them and to every whole image scored below.
+    refiner = label_refiner(cfg, model, runtime)
+    if stitcher is not None:
+        whole = write_whole_images(cfg, stitcher, runtime, checkpoint_sha, refiner, cfg.stage1.image_size / max(tile))
+        if whole is not None:
+            metrics["train_whole"] = scores(whole[1] if refiner is not None else whole[0])
+            if refiner is not None:
+                refined["train_whole"] = scores(whole[0])
     if runtime.is_main and any(held_out.values()):
         print(f"whole images are scored over {tile[1]}x{tile[0]} px tiles (the training tiles' size), half "
               "overlapping, each seen as the classifier was trained")
     for split, split_list in held_out.items():
         if split_list:
-            raw, cleaned = score_whole_images(cfg, model, split_list, runtime, tile)
+            raw, cleaned, refined_raw, refined_cleaned = score_whole_images(cfg, model, split_list, runtime, tile,
+                                                                            refiner)
             metrics[split] = scores(raw)
             if cleaned is not None:
                 postprocessed[split] = scores(cleaned)
+            if refined_raw is not None:
+                refined[split] = scores(refined_raw)
+                if refined_cleaned is not None:
+                    refined.setdefault("postprocessed", {})[split] = scores(refined_cleaned)
     steps = describe(cfg.data.classes, class_indices(cfg.data.classes, cfg.postprocess.fill_holes))
     if postprocessed:
         metrics["postprocessed"] = {"steps": steps, **postprocessed}
+    if refiner is not None:
+        metrics["refined"] = {"steps": ", ".join(refiner.steps), **refined}
     metrics["images"] = {split: [item.stem for item in split_list] for split, split_list in held_out.items()
                          if split_list}
     if runtime.is_main:
@@ -315,6 +334,13 @@ def main(argv=None):
                 line += (f"; with {steps}: mIoU {postprocessed[split]['miou']:.4f}, "
                          f"Dice {postprocessed[split]['mdice']:.4f}")
             print(line)
+        for split in [s for s in refined if s != "postprocessed"]:
+            print(f"pseudo-masks on {split} after {', '.join(refiner.steps)}: mIoU {refined[split]['miou']:.4f}"
+                  + (f"; with {steps}: mIoU {refined['postprocessed'][split]['miou']:.4f}"
+                     if split in refined.get("postprocessed", {}) else ""))
+        if "train_whole" in metrics:
+            print(f"whole training images' pseudo-masks{' before refinement' if refiner else ''}: mIoU "
+                  f"{metrics['train_whole']['miou']:.4f}")
         print(f"pseudo-masks written to {pseudo_mask_dir(cfg)}" + (f" ({skipped} kept from before)" if skipped else ""))
         write_json(out_dir / RUN_RECORD, timer.record(runtime.device, runtime.world_size,
                                                        resumed=bool(args.resume), masks_only=bool(args.masks_only)))

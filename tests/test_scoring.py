@@ -66,7 +66,7 @@ def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
     resolve_normalisation(cfg, "stage1")
     # Every predicted label is under the threshold: once "ignore" everywhere and left out of the score.
     quiet = CamStub(torch.rand(1, 2, 8, 8), torch.full((1, 2), -5.0))
-    raw, cleaned = score_whole_images(cfg, quiet, items, CPU, (8, 8))
+    raw, cleaned, *_ = score_whole_images(cfg, quiet, items, CPU, (8, 8))
     assert raw.sum() == 63 and cleaned is None
     assert raw[:, 0].sum() == 63  # nothing claimed: predicted as background, the gland pixels missed
 
@@ -76,7 +76,7 @@ def test_stage1_whole_image_scores_count_every_labelled_pixel(tmp_path):
     resolve_normalisation(cfg, "stage1")
     maps = torch.zeros(1, 3, 8, 8)
     maps[0, 1, :, 4:] = 1.0  # class b lights up its half; class a nowhere
-    raw, _ = score_whole_images(cfg, CamStub(maps, torch.tensor([[3.0, 3.0, -3.0]])), items, CPU, (8, 8))
+    raw, *_ = score_whole_images(cfg, CamStub(maps, torch.tensor([[3.0, 3.0, -3.0]])), items, CPU, (8, 8))
     assert raw.sum() == 63 and raw[0, 3] == 31  # class a's pixels: unclaimed, counted as misses
     assert scores(raw)["iou"][0] == 0.0
 
@@ -110,7 +110,7 @@ def test_whole_images_are_scored_over_tiles_of_the_training_size(tmp_path):
     cfg = load_config(None, ["stage1.cam_flip=false", "stage1.image_size=16", "stage1.cam_batch_size=5"])
     resolve_normalisation(cfg, "stage1")
     model = TileTrainedStub(16)
-    tiled, _ = score_whole_images(cfg, model, items, CPU, (16, 16))
+    tiled, *_ = score_whole_images(cfg, model, items, CPU, (16, 16))
     assert scores(tiled)["miou"] > 0.95
     # The image in one pass at the training zoom, as whole images were scored before: no gland anywhere.
     whole = network_input(image, 1.0, cfg.data.mean, cfg.data.std)[None]

@@ -240,6 +240,16 @@ SETTINGS = {
     # other stage-1 checkpoints of the same network (other seeds) whose class maps are averaged with this run's
     "stage1.average_cams_with": ([], names(meaning="a list of distinct stage-1 checkpoint files")),
     "stage1.pseudo_mask_ignore_margin": (0.0, FRACTION),  # stitched images: close votes left unlabelled
+    # affinity propagation of the stitched images' class maps (AffinityNet-style head on the classifier's taps,
+    # then a random walk); its own scores in metrics.json ("refined")
+    "stage1.affinity": (False, FLAG),
+    "stage1.affinity_radius": (5, whole(2, 20)),          # neighbours closer than this many feature cells
+    "stage1.affinity_beta": (8.0, number(0, 64, low_open=True)),  # transition = affinity ** beta
+    "stage1.affinity_iterations": (256, whole(1, 4096)),  # random-walk steps
+    "stage1.affinity_epochs": (8, whole(1, 1000)),
+    "stage1.affinity_lr": (0.001, RATE),
+    "stage1.affinity_margin": (0.3, FRACTION),            # sure pixels: best class ahead of the second by this
+    "stage1.crf_iterations": (0, whole(0, 100)),          # dense CRF on the stitched images' maps (0: off)
     "stage1.hed_jitter": (0.0, FRACTION),             # stain augmentation (0: off)
     "stage1.color_jitter": (0.0, FRACTION),
 

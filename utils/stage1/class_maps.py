@@ -6,7 +6,7 @@ import torch
 
 from utils.data.transforms import to_tensor
 from utils.stage1.cam import multi_layer_cam, normalise_cams, refine_cams, scaled_size
-from utils.stage1.stitch import mean_tile_votes, patch_votes, tile_boxes
+from utils.stage1.stitch import label_union, mean_tile_votes, patch_votes, tile_boxes
 
 
 def network_input(image, size_or_scale, mean, std, multiple=1):
@@ -45,21 +45,24 @@ def class_maps(model, images, out_size, labels, s1, runtime):
 
 
 @torch.no_grad()
-def whole_image_votes(cfg, model, image, tile, runtime):
+def whole_image_votes(cfg, model, image, tile, runtime, with_allowed=False):
     """C x H x W class votes of a whole image, made the way the training images' are: the image is cut into
     half-overlapping tiles of the training tile size (`tile` = (h, w) px), each seen at stage1.image_size
     with the labels the classifier predicts for that tile, and the tiles' votes are averaged where they
-    overlap. The classifier thus sees what it was trained on, whatever the image's size."""
+    overlap. The classifier thus sees what it was trained on, whatever the image's size. with_allowed: also the
+    classes the tiles' predicted labels allow at each pixel (label_union)."""
     s1 = cfg.stage1
     height, width = image.shape[:2]
     boxes = tile_boxes(height, width, tile)
     scale = s1.image_size / max(tile)
     multiple = getattr(model, "size_multiple", 1)
-    votes = []
+    votes, predicted = [], []
     for start in range(0, len(boxes), s1.cam_batch_size):
         batch = boxes[start:start + s1.cam_batch_size]
         tensor = torch.stack([network_input(image[y:y + h, x:x + w], scale, cfg.data.mean, cfg.data.std, multiple)
                               for y, x, h, w in batch]).to(runtime.device)
         maps, labels = class_maps(model, tensor, batch[0][2:], None, s1, runtime)
         votes.append(patch_votes(maps, labels.to(maps.device)).cpu().numpy())
-    return mean_tile_votes(np.concatenate(votes), boxes, height, width)
+        predicted.append(labels.cpu().numpy())
+    mean = mean_tile_votes(np.concatenate(votes), boxes, height, width)
+    return (mean, label_union(np.concatenate(predicted), boxes, height, width)) if with_allowed else mean

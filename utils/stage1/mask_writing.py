@@ -16,7 +16,7 @@ from utils.runtime import loader_options
 from utils.stage1.cam import cams_to_masks, heatmap_of
 from utils.stage1.class_maps import class_maps, network_input
 from utils.stage1.pseudo_masks import mask_settings, pseudo_mask_name, read_manifest, write_manifest
-from utils.stage1.stitch import VoteStitcher, patch_votes, whole_image_dir
+from utils.stage1.stitch import VoteStitcher, patch_votes, vote_mask, weigh_background, whole_image_dir
 from utils.training import TrainingError, out_of_memory_message
 from utils.visualize import contact_sheet, heat_overlay, mask_picture
 
@@ -119,44 +119,71 @@ def write_pseudo_masks(cfg, model, items, runtime, checkpoint_sha, overwrite=Fal
             if truth.shape == mask.shape:
                 confusion += pseudo_mask_confusion(mask, truth, len(classes))
     confusion = runtime.all_reduce_sum(torch.from_numpy(confusion).to(runtime.device)).cpu().numpy()
-    if stitcher:
-        write_whole_images(cfg, stitcher, runtime, checkpoint_sha)
     runtime.barrier()
     if runtime.is_main:
         write_manifest(folder, checkpoint_sha, cfg.name, classes,
                        [pseudo_mask_name(item.image) for item in items], complete=True, settings=settings)
-    return confusion, samples, len(kept)
+    return confusion, samples, len(kept), stitcher
 
 
-def write_whole_images(cfg, stitcher, runtime, checkpoint_sha):
-    """The training images put back together from their patches, with pseudo-masks from the patches'
-    stitched class maps (whole/img and whole/mask beside the patch pseudo-masks)."""
+def decided_mask(decided, background, fill, margin):
+    """A pseudo-mask from the maps that decide it (background weighed, refined): the best class, holes filled,
+    and pixels whose two best maps are closer than `margin` left unlabelled (a filled lumen stays labelled)."""
+    mask = vote_mask(decided, background)
+    filled = fill_holes(mask, fill)
+    if margin > 0:
+        second, first = np.sort(decided, axis=0)[-2:]
+        filled[((first - second) < margin) & (filled == mask)] = IGNORE_INDEX
+    return filled
+
+
+def write_whole_images(cfg, stitcher, runtime, checkpoint_sha, refiner=None, scale=1.0):
+    """The training images put back together from their patches, with pseudo-masks from the patches' stitched
+    class maps (whole/img and whole/mask beside the patch pseudo-masks), refined by `refiner` (a LabelRefiner)
+    when given, whose affinity head is first fitted on these images' maps. `scale`: the factor at which the
+    classifier saw the patches. Returns the confusion matrices of the written masks, and of the unrefined ones
+    when there is a refiner, against the images' true masks (None where a patch has no mask)."""
     stitcher.reduce(runtime)
+    classes, s1 = cfg.data.classes, cfg.stage1
+    if refiner is not None and refiner.propagation is not None:  # every rank fits the same head on the same maps
+        losses = refiner.propagation.fit(((stitcher.image(stem), stitcher.stitched_maps(stem))
+                                          for stem in stitcher.stems()), scale)
+        if runtime.is_main:
+            print(f"affinity head trained on {len(stitcher.stems())} whole training images, {len(losses)} epochs "
+                  f"(loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     if not runtime.is_main:
-        return
-    classes = cfg.data.classes
+        return None
     folder = whole_image_dir(pseudo_mask_dir(cfg))
-    settings = mask_settings(cfg.stage1)
+    settings = mask_settings(s1)
     write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, [], complete=False, settings=settings)
     background = background_index(classes, cfg.data.background)
-    fill = class_indices(classes, cfg.stage1.pseudo_mask_fill_holes)
+    fill = class_indices(classes, s1.pseudo_mask_fill_holes)
     names, unlabelled, pixels = [], 0, 0
+    confusions = {"written": np.zeros((len(classes),) * 2, np.int64), "unrefined": np.zeros((len(classes),) * 2, np.int64)}
+    scored = True
     with BackgroundWriter() as writer:
         for stem in tqdm(stitcher.stems(), desc="whole images", leave=False):
-            mask = stitcher.mask(stem, background, cfg.stage1.background_cam_scale)
-            filled = fill_holes(mask, fill)
-            if cfg.stage1.pseudo_mask_ignore_margin > 0:  # pixels filled as a gland's lumen stay labelled
-                unsure = stitcher.uncertain(stem, cfg.stage1.pseudo_mask_ignore_margin, background,
-                                            cfg.stage1.background_cam_scale)
-                filled[unsure & (filled == mask)] = IGNORE_INDEX
-            mask = filled
+            image, maps = stitcher.image(stem), stitcher.stitched_maps(stem)
+            plain = decided_mask(weigh_background(maps.copy(), background, s1.background_cam_scale), background, fill,
+                                 s1.pseudo_mask_ignore_margin)
+            mask = plain if refiner is None else decided_mask(refiner.maps(image, maps, stitcher.allowed(stem), scale),
+                                                              background, fill, s1.pseudo_mask_ignore_margin)
+            truth = stitcher.ground_truth(stem, cfg.data.mask_encoding, len(classes))
+            if truth is None:
+                scored = False
+            else:
+                confusions["written"] += pseudo_mask_confusion(mask, truth, len(classes))
+                confusions["unrefined"] += pseudo_mask_confusion(plain, truth, len(classes))
             unlabelled, pixels = unlabelled + int((mask == IGNORE_INDEX).sum()), pixels + mask.size
-            writer.submit(write_rgb, folder / "img" / f"{stem}.png", stitcher.image(stem))
+            writer.submit(write_rgb, folder / "img" / f"{stem}.png", image)
             writer.submit(write_palette_png, folder / "mask" / f"{stem}.png", mask, cfg.data.palette)
             names.append(f"{stem}.png")
     write_manifest(folder / "mask", checkpoint_sha, cfg.name, classes, names, complete=True, settings=settings)
     print(f"{len(names)} whole training images and their stitched pseudo-masks written to {folder}"
           f" ({100 * unlabelled / max(pixels, 1):.1f}% of their pixels left unlabelled)")
+    if not scored:
+        return None
+    return confusions["written"], (confusions["unrefined"] if refiner is not None else None)
 
 
 def save_samples(path, samples, cfg):

@@ -54,7 +54,8 @@ def read_manifest(folder):
 # both the checkpoint and these match.
 MASK_SETTINGS = ("image_size", "cam_weights", "cam_scales", "cam_flip", "cam_refine_iterations",
                  "cam_refine_dilations", "cam_refine_colour_scale", "background_cam_scale", "pseudo_mask_fill_holes",
-                 "pseudo_mask_ignore_margin")
+                 "pseudo_mask_ignore_margin", "affinity", "affinity_radius", "affinity_beta", "affinity_iterations",
+                 "affinity_epochs", "affinity_lr", "affinity_margin", "crf_iterations")
 
 
 def mask_settings(stage1):

@@ -88,6 +88,18 @@ def mean_tile_votes(votes, boxes, height, width):
     return total / np.maximum(counts, 1.0)[None]
 
 
+def label_union(labels, boxes, height, width):
+    """C x H x W bool: the classes some tile covering each pixel has in its label (labels N x C, 0/1; tiles at
+    boxes (y, x, h, w)); every class where no tile covers the pixel. A class no covering tile names is ruled out."""
+    allowed = np.zeros((labels.shape[1], height, width), bool)
+    covered = np.zeros((height, width), bool)
+    for label, (y, x, h, w) in zip(np.asarray(labels, bool), boxes):
+        allowed[:, y:y + h, x:x + w] |= label[:, None, None]
+        covered[y:y + h, x:x + w] = True
+    allowed[:, ~covered] = True
+    return allowed
+
+
 class VoteStitcher:
     """Accumulates patch votes per whole image (numpy, on the host)."""
 
@@ -154,6 +166,12 @@ class VoteStitcher:
         second, first = np.sort(self.weighed_maps(stem, background, background_scale), axis=0)[-2:]
         return (first - second) < margin
 
+    def allowed(self, stem):
+        """C x H x W bool: the classes the labels of the patches covering each pixel allow (label_union)."""
+        patches = self.patches[stem]
+        boxes = [(y, x, *read_size(item.image)) for item, y, x in patches]
+        return label_union(np.stack([item.label for item, _, _ in patches]), boxes, *self.sizes[stem])
+
     def image(self, stem):
         """The whole image, put together from its patches' pixels."""
         height, width = self.sizes[stem]
@@ -177,6 +195,12 @@ class VoteStitcher:
 
     def stems(self):
         return sorted(self.patches)
+
+
+def read_size(path):
+    """(height, width) of an image file, from its header."""
+    width, height = image_size(path)
+    return height, width
 
 
 def whole_image_dir(pseudo_mask_folder):

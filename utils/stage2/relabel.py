@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from utils.data.datasets import train_items
-from utils.data.imageio import IGNORE_INDEX, image_size, read_mask, read_rgb, write_palette_png
+from utils.data.imageio import IGNORE_INDEX, read_mask, read_rgb, write_palette_png
 from utils.evaluation.postprocess import class_indices, fill_holes
 from utils.files import BackgroundWriter
 from utils.stage1.mask_writing import pseudo_mask_confusion
@@ -47,19 +47,12 @@ class TrainingTruth:
         self.whole_images = whole_images
 
     def allowed(self, image_path, shape):
-        """C x H x W bool: True where some tile covering the pixel has the class in its label (every class where
-        no tile covers it)."""
+        """C x H x W bool: the classes the labels of the tiles covering each pixel allow (every class where none
+        does)."""
         if not self.whole_images:
             label = self.items[str(image_path)].label.astype(bool)
             return np.broadcast_to(label[:, None, None], (self.num_classes, *shape))
-        allowed = np.zeros((self.num_classes, *shape), bool)
-        covered = np.zeros(shape, bool)
-        for item, y, x in self.stitcher.patches[Path(image_path).stem]:
-            w, h = image_size(item.image)
-            allowed[:, y:y + h, x:x + w] |= item.label.astype(bool)[:, None, None]
-            covered[y:y + h, x:x + w] = True
-        allowed[:, ~covered] = True
-        return allowed
+        return self.stitcher.allowed(Path(image_path).stem)
 
     def truth(self, image_path):
         if self.whole_images:
