@@ -4,9 +4,10 @@
     python ablate.py --config configs/glas_cpu.yaml --rows stage2_iicb no_eta
     python report.py runs/glas_cpu_ablation                         # the table (ablate.py prints it too)
 
-Rows: stage-1 CAMs without and with IBM (pseudo-mask scores on the training tiles and on val); stage 2
-with plain cross-entropy and with the full IICB loss; IICB without each of its terms in turn; DPR without
-its refinement attention and without its auxiliary path. Every stage-2 row starts from the paper's DPR (both
+Rows: stage-1 CAMs without and with IBM (pseudo-mask scores on the training tiles and on val), and with IBM
+followed by affinity propagation or a dense CRF; stage 2 with plain cross-entropy and with the full IICB loss;
+IICB without each of its terms in turn; DPR without its refinement attention and without its auxiliary path;
+OEEM's easy-pixel weighting, alone and inside IICB; a second, self-training round. Every stage-2 row starts from the paper's DPR (both
 parts on) whatever the config chose, so that each row removes one part of the paper's method (a --set given
 here still wins). Every stage-2 row learns from the pseudo-masks of the "with IBM" stage-1 row, and every
 row uses the same schedule (--stage1-epochs, --stage2-epochs), which the table states. Test splits are
@@ -27,6 +28,9 @@ PLAIN_CE = "{alpha: 1.0, beta: 0.0, gamma: 0.0, delta: 0.0, eta: 0.0, tau: 0.0}"
 STAGE1_ROWS = [
     ("stage1_no_ibm", "stage 1: CAMs without IBM", ["stage1.ibm=false"]),
     ("stage1_ibm", "stage 1: CAMs with IBM", ["stage1.ibm=true"]),
+    # label refinement the field uses on CAMs (rows run when the config stitches whole training images)
+    ("stage1_affinity", "stage 1: CAMs with IBM, then affinity propagation", ["stage1.ibm=true", "stage1.affinity=true"]),
+    ("stage1_crf", "stage 1: CAMs with IBM, then a dense CRF", ["stage1.ibm=true", "stage1.crf_iterations=10"]),
 ]
 STAGE2_ROWS = [
     ("stage2_ce", "stage 2: plain cross-entropy", [f"stage2.iicb={PLAIN_CE}"]),
@@ -35,6 +39,11 @@ STAGE2_ROWS = [
       for term, words in IICB_TERMS.items()],
     ("no_refinement", "stage 2: DPR without refinement attention", ["stage2.refinement_attention=false"]),
     ("no_aux", "stage 2: DPR without auxiliary path", ["stage2.aux_path=false"]),
+    # a peer's loss and self-training beside the paper's
+    ("stage2_oeem", "stage 2: OEEM (cross-entropy, easy pixels weighted)",
+     [f"stage2.iicb={PLAIN_CE[:-1]}, pixel_weighting: oeem}}"]),
+    ("iicb_oeem", "stage 2: full IICB loss, its cross-entropy weighted as OEEM's", ["stage2.iicb.pixel_weighting=oeem"]),
+    ("self_training", "stage 2: full IICB loss, a second round on its own masks", ["stage2.rounds=2"]),
 ]
 PAPER_DPR = ["stage2.refinement_attention=true", "stage2.aux_path=true"]  # what the stage-2 rows remove from
 SOURCE_ROW = "stage1_ibm"  # the pseudo-masks every stage-2 row learns from
@@ -53,6 +62,21 @@ def row_plan(names=None):
         raise ConfigError(f"--rows: unknown row(s) {', '.join(unknown)}; rows are {', '.join(sorted(known))}.")
     wanted = set(names) | ({SOURCE_ROW} if any(r[2] == "stage2" and r[0] in names for r in rows) else set())
     return [row for row in rows if row[0] in wanted]
+
+
+def row_applies(row, cfg):
+    """Label-refinement rows act on whole training images, and the CRF row needs its package: rows a config
+    cannot run are left out with one line."""
+    from utils.stage1.crf import crf_available
+    key = row[0]
+    reason = None
+    if key in ("stage1_affinity", "stage1_crf") and not cfg.stage1.stitch_whole_images:
+        reason = "the config does not stitch whole training images (stage1.stitch_whole_images)"
+    elif key == "stage1_crf" and not crf_available():
+        reason = "pydensecrf2 is not installed (requirements-crf.txt)"
+    if reason:
+        print(f"--- {key}: left out, {reason}")
+    return reason is None
 
 
 def row_settings(args, folder, key, stage, overrides, base_overrides, stage1_start=False):
@@ -93,7 +117,7 @@ def main(argv=None):
     problem = folder_problem(folder)
     if problem:
         raise ConfigError(f"the ablation folder {folder} cannot be written ({problem}); choose another with --output.")
-    plan = row_plan(args.rows)
+    plan = [row for row in row_plan(args.rows) if row_applies(row, cfg)]
     for key, _, stage, overrides in plan:  # every row's settings checked before the first row runs
         row = load_config(args.config, row_settings(args, folder, key, stage, overrides, args.overrides,
                                                      bool(cfg.stage2.encoder_from_stage1)))
