@@ -27,7 +27,8 @@ from utils.inference.inputs import read_image  # noqa: F401  (inference.read_ima
 from utils.inference.ranks import merge_rank_confusions, merge_rank_summaries, rank_summary_path, write_rank_results
 from utils.inference.segmenter import Segmenter
 from utils.inference.slides import run_slide
-from utils.inference.summary import SUMMARY, skipped_row, summary_columns, write_score, write_summary
+from utils.inference.summary import (SUMMARY, merge_with_earlier_run, skipped_row, summary_columns, write_score,
+                                     write_summary)
 from utils.inference.tiles import predict_tile_batch  # noqa: F401  (inference.predict_tile_batch: tests, bench.py)
 from utils.runtime import cleanup, setup_runtime
 from utils.stage2.predict import load_segmenter
@@ -197,10 +198,15 @@ def run(args, runtime):
             merge_rank_confusions(output_dir, runtime.world_size, segmenter.scorer)
     else:
         rows.sort(key=lambda r: order[r["file"]])
-        write_summary(output_dir / SUMMARY, columns, rows)
-
-    if segmenter.scorer is not None:
-        write_score(output_dir, segmenter, rows, args)
+    # the folder's record: this run's rows beside the rows of an earlier run's outputs it did not redo
+    columns, rows, confusions = merge_with_earlier_run(output_dir, columns, rows, segmenter.scorer, str(args.checkpoint),
+                                                      segmenter.classes)
+    write_summary(output_dir / SUMMARY, columns, rows)
+    if segmenter.scorer is not None or (output_dir / "metrics.json").is_file():
+        makers = sorted({row["checkpoint"] for row in rows if row["file"] in confusions and row.get("checkpoint")})
+        write_score(output_dir, segmenter.classes, confusions, segmenter.steps,
+                    makers[0] if len(makers) == 1 else makers, args.masks,
+                    segmenter.scorer.encoding if segmenter.scorer else None)
     failed = [r for r in rows if r["status"].startswith("error")]
     skipped = sum(r["status"] == "skipped" for r in rows)
     print(f"{len(rows) - len(failed) - skipped} done, {skipped} skipped (outputs exist; --overwrite redoes "

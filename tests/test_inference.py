@@ -317,3 +317,48 @@ def test_slide_post_processing_is_asked_for_and_saved_probabilities_agree(tmp_pa
         gland_probability = np.asarray(Image.open(out / "ring_prob_gland.png"))
         assert (mask[hole] == (1 if asked else 0)).all()
         assert ((gland_probability > 127) == (mask == 1)).all()  # the saved maps agree with the mask
+
+
+def test_a_rerun_on_a_subset_keeps_the_folders_record_whole(tmp_path, checkpoint):
+    """Scored on four images, then run on one of them (skipped) and on a new one: summary.csv keeps every
+    image's row and score, and metrics.json still describes exactly the scored rows beside it."""
+    rng = np.random.default_rng(1)
+    images, masks, out = tmp_path / "img", tmp_path / "mask", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    for index in range(5):
+        Image.fromarray(rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(images / f"t{index}.png")
+        Image.fromarray((rng.random((48, 56)) > 0.5).astype(np.uint8)).save(masks / f"t{index}.png")
+    first = tmp_path / "first"
+    first.mkdir()
+    for index in range(4):
+        (first / f"t{index}.png").write_bytes((images / f"t{index}.png").read_bytes())
+    base = ["--checkpoint", str(checkpoint), "--output", str(out), "--device", "cpu"]
+    assert inference.main(base + ["--input", str(first), "--masks", str(masks)]) == 0
+    scored = read_summary(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(scored) == 4 and metrics["images"] == sorted(scored)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "t2.png").write_bytes((images / "t2.png").read_bytes())
+    assert inference.main(base + ["--input", str(one)]) == 0  # skipped: its outputs exist
+    after = read_summary(out)
+    assert after["t2.png"].pop("status") == "skipped" and scored["t2.png"].pop("status") == "ok"
+    assert after == scored  # every row and per-image score kept, t2's included
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    (one / "t4.png").write_bytes((images / "t4.png").read_bytes())
+    assert inference.main(base + ["--input", str(one), "--masks", str(masks)]) == 0  # t2 rescored, t4 new
+    after = read_summary(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(after) == [f"t{index}.png" for index in range(5)] and all(r["miou"] for r in after.values())
+    assert metrics["images"] == sorted(after) and after["t0.png"] == scored["t0.png"]
+    assert after["t4.png"]["checkpoint"] == str(checkpoint)
+    # the folder-wide figure is the pooled confusion of every scored image, earlier ones included
+    total = sum(np.asarray(c["input"]) for c in metrics["per_image_confusion"].values())
+    from utils.evaluation.metrics import scores
+    assert metrics["input"]["miou"] == pytest.approx(scores(total)["miou"])
+    # redone without masks, an image loses its score, and the figure no longer counts it
+    assert inference.main(base + ["--input", str(one), "--overwrite"]) == 0
+    after = read_summary(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert after["t4.png"]["miou"] == "" and after["t0.png"]["miou"]
+    assert metrics["images"] == ["t0.png", "t1.png", "t3.png"]

@@ -88,19 +88,25 @@ class FolderScore:
 
     def __init__(self, classes, encoding, postprocessed):
         self.classes, self.encoding = list(classes), encoding
-        size = len(self.classes)
-        self.confusion = {"input": np.zeros((size, size + 1), np.int64)}
-        if postprocessed:
-            self.confusion["postprocessed"] = np.zeros((size, size + 1), np.int64)
+        self.kinds = ("input", "postprocessed") if postprocessed else ("input",)
+        self.per_image = {}  # file -> {kind: confusion matrix}: a later run into the folder merges with them
 
-    def add(self, mask_path, predicted, postprocessed=None):
-        """Scores one image; returns its row fields (mIoU, Dice, per-class IoU and Dice)."""
+    @property
+    def confusion(self):
+        """{kind: confusion matrix over every scored image}."""
+        size = len(self.classes)
+        return {kind: sum((image[kind] for image in self.per_image.values() if kind in image),
+                          np.zeros((size, size + 1), np.int64)) for kind in self.kinds}
+
+    def add(self, mask_path, predicted, postprocessed=None, name=None):
+        """Scores one image (its summary name `name`); returns its row fields (mIoU, Dice, per-class IoU, Dice)."""
         truth = read_mask(mask_path, self.encoding, len(self.classes))
         raw = confusion_matrix(resize_to(predicted, truth.shape), truth, len(self.classes), count_unclaimed=True)
-        self.confusion["input"] += raw
-        if postprocessed is not None and "postprocessed" in self.confusion:
-            self.confusion["postprocessed"] += confusion_matrix(resize_to(postprocessed, truth.shape), truth,
-                                                                len(self.classes), count_unclaimed=True)
+        image = {"input": raw}
+        if postprocessed is not None and "postprocessed" in self.kinds:
+            image["postprocessed"] = confusion_matrix(resize_to(postprocessed, truth.shape), truth,
+                                                      len(self.classes), count_unclaimed=True)
+        self.per_image[name if name is not None else str(mask_path)] = image
         return self.row(raw)
 
     def row(self, confusion):

@@ -113,7 +113,7 @@ class ImageRunner:
         row = summary_row(seg.classes, job, kind, "ok", width, height, seconds + time.perf_counter() - write_start,
                           fractions, 1, (windows, windows), seg.image_mpp())
         if seg.scorer is not None:
-            row.update(seg.scorer.add(seg.masks[job.index], raw, mask if seg.fill else None))
+            row.update(seg.scorer.add(seg.masks[job.index], raw, mask if seg.fill else None, job.name))
         self.writes.append((self.writer.submit(write_image_outputs, seg, job, paths, image, mask, probs), row))
         return row
 

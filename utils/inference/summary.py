@@ -1,7 +1,6 @@
 """summary.csv, one row per input, and metrics.json over every scored input."""
 import csv
 import io
-import sys
 
 import numpy as np
 from PIL import Image
@@ -68,18 +67,80 @@ def write_summary(path, columns, rows):
     write_text(path, buffer.getvalue())
 
 
-def write_score(output_dir, segmenter, rows, args):
-    """metrics.json over every scored image, printed as well."""
-    scored = [r["file"] for r in rows if r["status"] == "ok"]
-    if not scored:
-        print("no image could be scored; see the errors below", file=sys.stderr)
+def read_summary(path):
+    """(columns, rows) of an earlier summary.csv, or ([], []) when there is none or it cannot be read."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            return list(reader.fieldnames or []), list(reader)
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return [], []
+
+
+def earlier_confusions(output_dir, classes):
+    """{file: {kind: confusion}} kept in an earlier metrics.json of the same classes ({} otherwise)."""
+    import json
+    try:
+        earlier = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("classes") != list(classes):
+        return {}
+    return {name: {kind: np.asarray(m, np.int64) for kind, m in image.items()}
+            for name, image in (earlier.get("per_image_confusion") or {}).items()}
+
+
+def merge_with_earlier_run(output_dir, columns, rows, scorer, checkpoint, classes):
+    """The summary of a folder that may hold an earlier run's outputs: this run's rows, each naming the checkpoint
+    that made it, and the earlier rows of every input this run did not redo (an input it skipped keeps its
+    earlier row, scores included, marked skipped). The scorer then holds the confusion matrices of every scored row, earlier
+    ones taken from the earlier metrics.json. Returns (columns, rows, {file: confusion matrices of scored rows})."""
+    for row in rows:
+        if row["status"] != "skipped":
+            row["checkpoint"] = checkpoint
+    earlier_columns, earlier_rows = read_summary(output_dir / SUMMARY)
+    earlier = {row["file"]: row for row in earlier_rows}
+    kept_confusions = earlier_confusions(output_dir, classes)
+    mine = {row["file"] for row in rows}
+    merged = [{**earlier[row["file"]], "status": "skipped"} if row["status"] == "skipped" and row["file"] in earlier
+              else row for row in rows]
+    merged = [row for row in earlier_rows if row["file"] not in mine] + merged
+    columns = list(dict.fromkeys(columns[:-1] + [c for c in earlier_columns if c != "status"] + ["checkpoint", "status"]))
+    for row in merged:
+        for column in columns:
+            row.setdefault(column, "")
+    redone = {row["file"] for row in rows if row["status"] != "skipped"}
+    confusions = {name: image for name, image in kept_confusions.items() if name not in redone and
+                  any(row["file"] == name and row.get("miou") for row in merged)}
+    if scorer is not None:
+        confusions.update(scorer.per_image)
+    return columns, merged, confusions
+
+
+def write_score(output_dir, classes, confusions, steps, checkpoint, masks=None, encoding=None):
+    """metrics.json over every scored input of the folder (`confusions`: {file: {kind: matrix}}), printed as well;
+    an earlier metrics.json whose images were all redone without scoring is removed, so it never describes
+    outputs that changed."""
+    from utils.evaluation.scoring import FolderScore
+    path = output_dir / "metrics.json"
+    if not confusions:
+        path.unlink(missing_ok=True)
         return
-    metrics = segmenter.scorer.metrics(segmenter.steps)
-    metrics.update(images=scored, checkpoint=str(args.checkpoint), masks=str(args.masks),
-                   mask_encoding=segmenter.scorer.encoding)
-    write_json(output_dir / "metrics.json", metrics)
-    line = f"scored {len(scored)} image(s): mIoU {metrics['input']['miou']:.4f}, Dice {metrics['input']['mdice']:.4f}"
+    if masks is None:  # a run that scored nothing: the figures are the earlier runs', against their masks
+        import json
+        earlier = json.loads(path.read_text())
+        masks, encoding = earlier.get("masks"), earlier.get("mask_encoding")
+    scorer = FolderScore(classes, encoding, postprocessed=any("postprocessed" in c for c in confusions.values()))
+    scorer.per_image = confusions
+    metrics = scorer.metrics(steps)
+    metrics.update(images=sorted(confusions), checkpoint=checkpoint, masks=None if masks is None else str(masks),
+                   mask_encoding=encoding, classes=list(classes),
+                   per_image_confusion={name: {kind: m.tolist() for kind, m in image.items()}
+                                        for name, image in sorted(confusions.items())})
+    write_json(path, metrics)
+    line = (f"{len(confusions)} scored image(s) in {output_dir}: mIoU {metrics['input']['miou']:.4f}, "
+            f"Dice {metrics['input']['mdice']:.4f}")
     if "postprocessed" in metrics:
         cleaned = metrics["postprocessed"]["input"]
-        line += f"; with {segmenter.steps}: mIoU {cleaned['miou']:.4f}, Dice {cleaned['mdice']:.4f}"
-    print(f"{line} ({output_dir / 'metrics.json'})")
+        line += f"; with {steps}: mIoU {cleaned['miou']:.4f}, Dice {cleaned['mdice']:.4f}"
+    print(f"{line} ({path})")

@@ -50,13 +50,16 @@ def segmenter_meta(cfg):
             "fill_holes": class_indices(cfg.data.classes, cfg.postprocess.fill_holes)}
 
 
+def saved_refinement_width(weights):
+    """The refinement attention's hidden width in a file from before it was recorded (None: no attention)."""
+    tensor = weights.get("refine.channel_gate.1.weight")
+    return None if tensor is None else int(tensor.shape[0])
+
+
 def refinement_hidden(setting, num_classes):
     """The refinement attention's hidden width: the setting, or the published 16-fold squeeze (at least 1)."""
     return setting or max(1, num_classes // 16)
 
-
-# Files from before the width was a setting were made with this one.
-EARLIER_REFINEMENT_HIDDEN = 8
 
 # Metadata values checked by the rules of the settings they were saved from (utils/settings.py).
 META_SETTINGS = {"classes": "data.classes", "palette": "data.palette", "mean": "data.mean", "std": "data.std",
@@ -121,7 +124,7 @@ def load_segmenter(path, device):
         with torch.device("meta"):
             model = DPR(architecture, len(meta["classes"]), pretrained=False,
                         refine=meta.get("refinement_attention", True), aux=False, encoder_kwargs=kwargs,
-                        refine_hidden=meta.get("refinement_hidden", max(EARLIER_REFINEMENT_HIDDEN, len(meta["classes"]) // 2)),
+                        refine_hidden=meta.get("refinement_hidden", saved_refinement_width(payload["model"])),
                         refine_gate_scale=meta.get("refinement_gate_scale", 1.0),
                         vit_block=meta.get("vit_block", -1), encoder_stage=meta.get("encoder_stage"))
     except (ValueError, TypeError, RuntimeError) as error:
