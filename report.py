@@ -70,8 +70,9 @@ def load_stage(folder):
     """config, metrics, run record and log of one stage folder (None where a file is missing)."""
     folder = Path(folder)
     config = read_yaml(folder / "config.yaml")
+    rounds = sorted(folder.glob("round*/log.csv"), key=lambda p: int(p.parent.name[5:] or 0))
     return {"config": config, "metrics": read_json(folder / "metrics.json"), "run": read_json(folder / RUN_RECORD),
-            "log": read_log(folder / "log.csv")}
+            "log": read_log(folder / "log.csv"), "round_logs": [read_log(path) for path in rounds]}
 
 
 def load_run(folder):
@@ -105,6 +106,8 @@ def stage_name(stage, data):
         return f"{NAMES[stage]} on true masks"
     if stage == "stage1" and settings.get("average_cams_with"):
         return f"{NAMES[stage]}, class maps averaged over {len(settings['average_cams_with']) + 1} classifiers"
+    if stage == "stage2" and (settings.get("rounds") or 1) > 1:
+        return f"{NAMES[stage]}, self-training round {settings['rounds']} of {settings['rounds']}"
     return NAMES[stage]
 
 
@@ -138,12 +141,20 @@ def results_rows(run):
         variants = [("none", metrics)]
         if metrics.get("postprocessed"):
             variants.append((metrics["postprocessed"].get("steps") or "yes", metrics["postprocessed"]))
-        for name, values in variants:
-            row = [stage_label(stage, data) if name == "none" else stage_name(stage, data), name]
-            for split in splits:
-                scored = values.get(split)
-                row += [percent(scored["miou"]), percent(scored["mdice"])] if scored else ["–", "–"]
-            rows.append(row)
+        labels = [(stage_label(stage, data), stage_name(stage, data), variants)]
+        refined = metrics.get("refined")
+        if refined:  # stage 1's pseudo-masks after affinity propagation or a CRF: rows of their own
+            name = f"stage 1: pseudo-masks after {refined.get('steps')}"
+            labels.append((name, name, [("none", refined)] + ([(variants[1][0], refined["postprocessed"])]
+                                                              if refined.get("postprocessed") and len(variants) > 1
+                                                              else [])))
+        for label, plain_name, kinds in labels:
+            for name, values in kinds:
+                row = [label if name == "none" else plain_name, name]
+                for split in splits:
+                    scored = values.get(split)
+                    row += [percent(scored["miou"]), percent(scored["mdice"])] if scored else ["–", "–"]
+                rows.append(row)
     return header, rows
 
 
@@ -192,7 +203,22 @@ def extra_lines(run):
         train = stage1["metrics"]["train"]
         lines.append(f"Pseudo-masks on the training tiles (pixels they leave unlabelled not scored): mIoU "
                      f"{percent(train['miou'])}, Dice {percent(train['mdice'])}.")
-    curve = val_curve((run["stages"].get("stage2") or {}).get("log") or [])
+    if stage1 and "train_whole" in stage1["metrics"]:
+        whole, refined = stage1["metrics"]["train_whole"], (stage1["metrics"].get("refined") or {}).get("train_whole")
+        lines.append("Pseudo-masks of the whole training images stage 2 learns from, against their true masks: "
+                     + (f"mIoU {percent(refined['miou'])} after {stage1['metrics']['refined']['steps']}, "
+                        f"{percent(whole['miou'])} before." if refined else f"mIoU {percent(whole['miou'])}."))
+    stage2 = run["stages"].get("stage2") or {}
+    for number, log in enumerate(stage2.get("round_logs") or [], start=1):
+        curve = val_curve(log)
+        if curve:
+            lines.append(f"Self-training round {number}: " + curve[0].lower() + curve[1:])
+    for number, values in ((stage2.get("metrics") or {}).get("self_training") or {}).get("relabelled_train",
+                                                                                           {}).items():
+        if values:
+            lines.append(f"Masks of the training images that round {number} learnt from, against their true masks: "
+                         f"mIoU {percent(values['miou'])}.")
+    curve = val_curve(stage2.get("log") or [])
     if curve:
         lines.append(curve)
     counts = [f"{split} {len(names)}" for split, names in

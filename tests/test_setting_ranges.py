@@ -163,7 +163,7 @@ def test_values_the_network_decides_are_checked_when_it_is_described():
 
 
 def test_stage2_batches_hold_two_crops_or_more_per_process():
-    check = load_script("2_train_stage2").check_batch_statistics
+    from utils.stage2.training_data import check_batch_statistics as check
     with pytest.raises(ConfigError, match="batches of 1 crop per process.*stage2.max_train_images"):
         check(1, 8, 1)  # one labelled image for few-shot training, one crop of it per epoch
     with pytest.raises(ConfigError, match="batches of 1 crop"):
