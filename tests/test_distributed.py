@@ -23,6 +23,7 @@ from utils.checkpoint import STAGE1_FORMAT, STAGE2_FORMAT, load_checkpoint
 # One epoch each. The deeper stage-1 taps, a higher stage-2 lr and more val images make masks non-constant
 # after so little training, so the comparisons have teeth.
 ONE_EPOCH = ("stage1.epochs=1", "stage1.out_indices=[1,2,3]", "stage2.epochs=1", "stage2.lr=0.1",
+             "stage2.train_masks=ground_truth",  # a one-epoch model that surely predicts both classes
              "demo.val_images=8")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                       "MASTER_PORT")

@@ -26,14 +26,15 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 import torch
 torch.use_deterministic_algorithms(True)
-module = importlib.import_module({script!r})
+script = importlib.import_module({script!r})
+module = importlib.import_module({module!r}) if {module!r} else script
 real_save = getattr(module, {function!r})
 def save_then_die(path, *args, **kwargs):
     real_save(path, *args, **kwargs)
     if Path(path).name == {target!r}:
         os.kill(os.getpid(), signal.SIGKILL)
 setattr(module, {function!r}, save_then_die)
-module.main(sys.argv[1:])
+script.main(sys.argv[1:])
 """
 
 
@@ -42,9 +43,11 @@ def _one_thread(one_thread):
     yield
 
 
-def killed_after_save(tmp_path, script, function, target, argv):
+def killed_after_save(tmp_path, script, function, target, argv, module=""):
+    """module: where the script's save function lives, when not in the script itself."""
     driver = tmp_path / f"kill_{script}.py"
-    driver.write_text(KILL_AFTER_SAVE.format(root=str(ROOT), script=script, function=function, target=target))
+    driver.write_text(KILL_AFTER_SAVE.format(root=str(ROOT), script=script, module=module, function=function,
+                                             target=target))
     result = subprocess.run([sys.executable, str(driver), *argv], cwd=ROOT, capture_output=True, text=True,
                             env=ONE_THREAD, timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
@@ -131,7 +134,7 @@ def test_stage1_resume_after_kill_matches_uninterrupted_run(tmp_path, data_root,
 def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path, data_root, stage2_straight):
     argv = run_args(tmp_path, data_root, "resumed")
     out = tmp_path / "resumed" / "demo" / "stage2"
-    killed_after_save(tmp_path, "2_train_stage2", "save_stage2", "last.pth", argv)
+    killed_after_save(tmp_path, "2_train_stage2", "save_stage2", "last.pth", argv, module="utils.stage2.training")
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
     assert not (out / "metrics.json").exists()
 

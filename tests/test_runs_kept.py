@@ -260,3 +260,59 @@ def test_a_runs_first_checkpoint_replaces_the_previous_record_whole(tmp_path, ca
     begin_record(load_config(None, ["stage1.epochs=3"]), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
     assert "epochs: 3" in (tmp_path / "config.yaml").read_text()
+
+
+def check_records(folder, data_root):
+    """Every record of a run describes exactly the files beside it: config.yaml, log.csv and metrics.json against
+    the checkpoints, the pseudo-masks' manifest against its checkpoint, settings and files."""
+    import csv
+
+    import yaml
+    from utils.checkpoint import STAGE1_FORMAT, STAGE2_FORMAT, load_checkpoint
+    from utils.stage1.pseudo_masks import file_sha256, mask_settings
+    stage1, stage2 = folder / "stage1", folder / "stage2"
+
+    def rows(path):
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    config1 = yaml.safe_load((stage1 / "config.yaml").read_text())
+    checkpoint1 = load_checkpoint(stage1 / "checkpoint.pth", STAGE1_FORMAT)
+    assert config1["stage1"]["epochs"] == checkpoint1["epoch"] == len(rows(stage1 / "log.csv"))
+    manifest = json.loads((data_root / "train" / "pseudo_mask" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["checkpoint_sha256"] == file_sha256(stage1 / "checkpoint.pth")
+    assert manifest["settings"] == mask_settings(config1["stage1"])
+    on_disk = sorted(p.name for p in (data_root / "train" / "pseudo_mask").glob("*.png"))
+    assert manifest["files"] == on_disk
+    config2 = yaml.safe_load((stage2 / "config.yaml").read_text())
+    last = load_checkpoint(stage2 / "last.pth", STAGE2_FORMAT)
+    best = load_checkpoint(stage2 / "best.pth", STAGE2_FORMAT)
+    log = rows(stage2 / "log.csv")
+    assert config2["stage2"]["epochs"] == last["epoch"] == len(log) == int(log[-1]["epoch"])
+    metrics = json.loads((stage2 / "metrics.json").read_text())
+    assert metrics["best_epoch"] == best["epoch"]
+    assert sorted(p.stem for p in (stage2 / "predictions" / "test").glob("*.png")) == sorted(metrics["images"]["test"])
+
+
+def test_reruns_resumes_and_partial_runs_leave_every_record_true(finished, tmp_path, capsys):
+    """Run; resume both stages to more epochs; ask a resume for fewer (refused, nothing changed); remake the
+    pseudo-masks with other settings; rerun stage 2 on a subset: after each, every record fits its files."""
+    args = copy_of(finished, tmp_path)
+    run, data = tmp_path / "runs" / "demo", tmp_path / "data"
+    check_records(run, data)
+    more = args + ["--set", "stage1.epochs=2", "--set", "stage2.epochs=2", "--resume"]
+    assert run_script(capsys, "1_train_stage1", more)[0] == 0
+    assert run_script(capsys, "2_train_stage2", more)[0] == 0
+    check_records(run, data)
+    before = {p: digest(p) for p in sorted(run.rglob("*")) if p.is_file()}
+    for script, setting in (("1_train_stage1", "stage1.epochs=1"), ("2_train_stage2", "stage2.epochs=1")):
+        code, _, err = run_script(capsys, script, more + ["--set", setting])
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "has already trained 2 epochs" in last and "at least 2" in last
+    assert {p: digest(p) for p in sorted(run.rglob("*")) if p.is_file()} == before  # nothing touched
+    # the pseudo-mask step again, with another CAM setting; stage 2 then refuses masks its run did not learn from
+    assert run_script(capsys, "1_train_stage1", more[:-1] + ["--masks-only", "--set", "stage1.cam_flip=false"])[0] == 0
+    again = args + ["--set", "stage2.epochs=1", "--set", "stage2.max_train_images=24"]
+    assert run_script(capsys, "2_train_stage2", again + ["--set", "stage1.epochs=2"])[0] == 0
+    check_records(run, data)
+    assert "cam_flip: false" in (run / "stage1" / "config.yaml").read_text()

@@ -20,6 +20,7 @@ from utils.config import load_config
 from utils.data.imageio import read_rgb
 from utils.runtime import Runtime
 from utils.stage2.predict import load_segmenter, predict_logits
+import utils.stage2.training as stage2_training
 
 SMALL = ["demo.train_images=16", "demo.val_images=2", "demo.test_images=2", "stage1.epochs=2",
          "stage2.epochs=2", "stage1.image_size=32", "stage1.cam_flip=false", "stage2.crop_size=32",
@@ -173,11 +174,11 @@ def test_nan_loss_stops_stage1_and_keeps_last_good_checkpoint(tmp_path, demo, mo
 def test_infinite_loss_stops_stage2_and_keeps_last_good_checkpoint(tmp_path, demo, monkeypatch, capsys):
     stage2 = load_script("2_train_stage2")
 
-    class PoisonedLoss(stage2.IICBLoss):
+    class PoisonedLoss(stage2_training.IICBLoss):
         calls = []
-        forward = poison_call(calls, 6, float("inf"))(stage2.IICBLoss.forward)  # main + aux per step
+        forward = poison_call(calls, 6, float("inf"))(stage2_training.IICBLoss.forward)  # main + aux per step
 
-    monkeypatch.setattr(stage2, "IICBLoss", PoisonedLoss)
+    monkeypatch.setattr(stage2_training, "IICBLoss", PoisonedLoss)
     line = one_line_error(capsys, stage2.main, run_args(tmp_path, demo))
     out = tmp_path / "runs" / "demo" / "stage2"
     assert "inf at epoch 2, step 3 " in line and str(out / "last.pth") in line  # 16 tiles, batches of 8
