@@ -207,9 +207,10 @@ def run(args, runtime):
         write_score(output_dir, segmenter.classes, confusions, segmenter.steps,
                     makers[0] if len(makers) == 1 else makers, args.masks,
                     segmenter.scorer.encoding if segmenter.scorer else None)
-    failed = [r for r in rows if r["status"].startswith("error")]
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    print(f"{len(rows) - len(failed) - skipped} done, {skipped} skipped (outputs exist; --overwrite redoes "
+    this_run = [r for r in rows if r["file"] in order]  # the summary also keeps earlier runs' rows
+    failed = [r for r in this_run if r["status"].startswith("error")]
+    skipped = sum(r["status"] == "skipped" for r in this_run)
+    print(f"{len(this_run) - len(failed) - skipped} done, {skipped} skipped (outputs exist; --overwrite redoes "
           f"them), {len(failed)} failed; see {output_dir / SUMMARY}")
     for row in failed:
         print(f"  {row['file']}: {row['status']}", file=sys.stderr)

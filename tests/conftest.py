@@ -10,6 +10,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one test per core (pytest -n): each worker, and the scripts it launches, on one thread, so that the
+    # workers do not wait on each other's threads
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 GLAS = ROOT.parent / "shared" / "data" / "glas"
 
 

@@ -23,6 +23,6 @@ def test_bench_times_the_networks_and_precision_of_a_config(tmp_path):
 def test_bench_times_stage2_of_a_config_that_starts_it_from_stage1(tmp_path):
     out = tmp_path / "bench.json"  # glas_cpu starts stage 2 from a stage-1 run that a benchmark does not have
     assert bench.main(["--quick", "--device", "cpu", "--config", "configs/glas_cpu.yaml", "--precision", "fp32",
-                       "--only", "stage2_train", "--out", str(out)]) == 0
+                       "--set", "stage2.crop_size=64", "--only", "stage2_train", "--out", str(out)]) == 0
     (figure,) = json.loads(out.read_text())["results"]
     assert "error" not in figure and figure["batch"] == 8 and figure["images_per_s"] > 0

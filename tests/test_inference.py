@@ -319,7 +319,7 @@ def test_slide_post_processing_is_asked_for_and_saved_probabilities_agree(tmp_pa
         assert ((gland_probability > 127) == (mask == 1)).all()  # the saved maps agree with the mask
 
 
-def test_a_rerun_on_a_subset_keeps_the_folders_record_whole(tmp_path, checkpoint):
+def test_a_rerun_on_a_subset_keeps_the_folders_record_whole(tmp_path, checkpoint, capsys):
     """Scored on four images, then run on one of them (skipped) and on a new one: summary.csv keeps every
     image's row and score, and metrics.json still describes exactly the scored rows beside it."""
     rng = np.random.default_rng(1)
@@ -340,13 +340,16 @@ def test_a_rerun_on_a_subset_keeps_the_folders_record_whole(tmp_path, checkpoint
     one = tmp_path / "one"
     one.mkdir()
     (one / "t2.png").write_bytes((images / "t2.png").read_bytes())
+    capsys.readouterr()
     assert inference.main(base + ["--input", str(one)]) == 0  # skipped: its outputs exist
+    assert "0 done, 1 skipped" in capsys.readouterr().out  # this run's inputs, not the summary's rows
     after = read_summary(out)
     assert after["t2.png"].pop("status") == "skipped" and scored["t2.png"].pop("status") == "ok"
     assert after == scored  # every row and per-image score kept, t2's included
     assert json.loads((out / "metrics.json").read_text()) == metrics
     (one / "t4.png").write_bytes((images / "t4.png").read_bytes())
     assert inference.main(base + ["--input", str(one), "--masks", str(masks)]) == 0  # t2 rescored, t4 new
+    assert "2 done, 0 skipped" in capsys.readouterr().out  # with masks every input is predicted again
     after = read_summary(out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(after) == [f"t{index}.png" for index in range(5)] and all(r["miou"] for r in after.values())
