@@ -153,6 +153,8 @@ def train_classifier(cfg, model, items, runtime, out_dir, resume):
         if runtime.is_main:
             print(f"resuming stage 1 at epoch {start_epoch + 1} of {s1.epochs}" if start_epoch < s1.epochs else
                   f"stage 1: {checkpoint_path} has finished its {s1.epochs} epochs; nothing left to train")
+    elif resume and runtime.is_main:
+        print(f"--resume: no {checkpoint_path} to continue; stage 1 starts at epoch 1")
     trainer = model
     if runtime.distributed:
         trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if runtime.device.type == "cpu"

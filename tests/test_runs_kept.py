@@ -316,3 +316,10 @@ def test_reruns_resumes_and_partial_runs_leave_every_record_true(finished, tmp_p
     assert run_script(capsys, "2_train_stage2", again + ["--set", "stage1.epochs=2"])[0] == 0
     check_records(run, data)
     assert "cam_flip: false" in (run / "stage1" / "config.yaml").read_text()
+    # --resume where nothing was saved yet says so, and trains from the start
+    elsewhere = again + ["--set", f"runs_dir={tmp_path / 'elsewhere'}", "--set", "stage1.epochs=2", "--resume",
+                         "--set", "stage2.accept_foreign_pseudo_masks=true"]  # no stage-1 run there
+    code, out, err = run_script(capsys, "2_train_stage2", elsewhere)
+    assert code == 0, err[-500:]
+    assert "--resume: no " in out and "starts at epoch 1" in out
+    assert (tmp_path / "elsewhere" / "demo" / "stage2" / "last.pth").is_file()

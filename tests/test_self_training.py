@@ -3,13 +3,13 @@ import json
 
 import numpy as np
 
-from conftest import load_script, tiny_demo_args
+from conftest import load_script, one_line_error, tiny_demo_args
 from utils.data.datasets import train_items
 from utils.data.imageio import IGNORE_INDEX, read_mask
 from utils.stage1.pseudo_masks import file_sha256, read_manifest
 
 
-def test_two_rounds_relabel_with_the_labels_and_keep_the_record(tmp_path):
+def test_two_rounds_relabel_with_the_labels_and_keep_the_record(tmp_path, capsys):
     stage1, stage2 = load_script("1_train_stage1"), load_script("2_train_stage2")
     args = tiny_demo_args(tmp_path, "stage1.epochs=1", "stage2.epochs=1")
     assert stage1.main(args) == 0
@@ -32,6 +32,12 @@ def test_two_rounds_relabel_with_the_labels_and_keep_the_record(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["self_training"]["rounds"] == 2
     assert 0 <= metrics["self_training"]["relabelled_train"]["2"]["miou"] <= 1
+
+    # resumed with another number of rounds: refused in one sentence, the record untouched
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    line = one_line_error(capsys, stage2.main, args + ["--set", "stage2.rounds=1", "--resume"])
+    assert "2 self-training round(s)" in line and "stage2.rounds=2" in line
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
     # a round that starts from a trained model: round 1 only scores it, round 2 learns from its masks afresh
     model = out / "round1" / "best.pth"

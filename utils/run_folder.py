@@ -76,6 +76,16 @@ def check_resumed_epochs(done, asked, path, setting):
                           "under another name.")
 
 
+def check_resumed_rounds(saved_config, rounds, path):
+    """A self-training run's last.pth belongs to one round of a set number of rounds: resumed with another
+    number, it would be trained on the wrong masks under a record of rounds that were never run."""
+    saved = ((saved_config or {}).get("stage2") or {}).get("rounds", 1) if isinstance(saved_config, dict) else 1
+    if saved != rounds:
+        raise ConfigError(f"{path} belongs to a run of {saved} self-training round(s), and stage2.rounds asks for "
+                          f"{rounds}; --resume continues a run as it was started: set stage2.rounds={saved}, or start "
+                          "a fresh run under another name.")
+
+
 def check_checkpoint_fits(saved_config, cfg, stage, path, action):
     """Refuse a checkpoint made with other network settings than this run's, naming the first that differs.
     `action` says what the checkpoint is for ("--resume continues it")."""

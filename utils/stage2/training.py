@@ -11,7 +11,7 @@ from utils.config import background_index
 from utils.cuda_graphs import TrainStep
 from utils.data.datasets import SegmentationSet, training_loader
 from utils.evaluation.metrics import scores
-from utils.run_folder import begin_record, check_checkpoint_fits, check_resumed_epochs
+from utils.run_folder import begin_record, check_checkpoint_fits, check_resumed_epochs, check_resumed_rounds
 from utils.runtime import compile_model
 from utils.stage2.evaluation import evaluate
 from utils.stage2.losses import IICBLoss
@@ -89,6 +89,7 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume, pairs=None,
     if resume and last_path.is_file():
         state = load_checkpoint(last_path, STAGE2_FORMAT)
         check_checkpoint_fits(state.get("config"), cfg, "stage2", last_path, "--resume continues it")
+        check_resumed_rounds(state.get("config"), cfg.stage2.rounds, last_path)
         check_resumed_epochs(state["epoch"], epochs, last_path, "stage2.epochs" if not round_label else
                              "stage2.round_epochs")
         model.load_state_dict(state["model"])
@@ -102,6 +103,8 @@ def train_segmenter(cfg, model, runtime, out_dir, val_items, resume, pairs=None,
         if runtime.is_main:
             print(f"resuming stage 2{round_label} at epoch {start_epoch + 1} of {epochs}" if start_epoch < epochs else
                   f"stage 2{round_label}: {last_path} has finished its {epochs} epochs; nothing left to train")
+    elif resume and runtime.is_main:
+        print(f"--resume: no {last_path} to continue; stage 2{round_label} starts at epoch 1")
     trainer = model
     if runtime.distributed:
         trainer = torch.nn.parallel.DistributedDataParallel(
