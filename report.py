@@ -117,6 +117,8 @@ def stage_label(stage, data):
     name = stage_name(stage, data)
     settings = (data["config"] or {}).get("stage2", {})
     epochs, best = settings.get("epochs"), data["metrics"].get("best_epoch")
+    if (settings.get("rounds") or 1) > 1:  # the run's model is its last round's, trained round_epochs
+        epochs = settings.get("round_epochs") or epochs
     if stage != "stage2" or best is None:
         return name
     if epochs == 0:

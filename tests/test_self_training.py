@@ -49,3 +49,8 @@ def test_two_rounds_relabel_with_the_labels_and_keep_the_record(tmp_path, capsys
     assert read_manifest(again_out / "masks_round2")["checkpoint_sha256"] == file_sha256(again_out / "round1" / "best.pth")
     assert read_manifest(folder) == manifest  # the first run's masks are its own still
     assert len((tmp_path / "runs" / "again" / "stage2" / "log.csv").read_text().strip().splitlines()) == 2
+    # its table names the last round's trained epoch, not round 1's untrained start
+    capsys.readouterr()
+    assert load_script("report").main([str(tmp_path / "runs" / "again")]) == 0
+    table = capsys.readouterr().out
+    assert "self-training round 2 of 2 (epoch 1 of 1" in table and "not trained" not in table
