@@ -79,7 +79,7 @@ def check_resumed_epochs(done, asked, path, setting):
 def check_resumed_rounds(saved_config, rounds, path):
     """A self-training run's last.pth belongs to one round of a set number of rounds: resumed with another
     number, it would be trained on the wrong masks under a record of rounds that were never run."""
-    saved = ((saved_config or {}).get("stage2") or {}).get("rounds", 1) if isinstance(saved_config, dict) else 1
+    saved = (saved_config.get("stage2") or {}).get("rounds", 1) if isinstance(saved_config, dict) else 1
     if saved != rounds:
         raise ConfigError(f"{path} belongs to a run of {saved} self-training round(s), and stage2.rounds asks for "
                           f"{rounds}; --resume continues a run as it was started: set stage2.rounds={saved}, or start "

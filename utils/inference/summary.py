@@ -1,6 +1,7 @@
 """summary.csv, one row per input, and metrics.json over every scored input."""
 import csv
 import io
+import json
 
 import numpy as np
 from PIL import Image
@@ -79,7 +80,6 @@ def read_summary(path):
 
 def earlier_confusions(output_dir, classes):
     """{file: {kind: confusion}} kept in an earlier metrics.json of the same classes ({} otherwise)."""
-    import json
     try:
         earlier = json.loads((output_dir / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -110,8 +110,8 @@ def merge_with_earlier_run(output_dir, columns, rows, scorer, checkpoint, classe
         for column in columns:
             row.setdefault(column, "")
     redone = {row["file"] for row in rows if row["status"] != "skipped"}
-    confusions = {name: image for name, image in kept_confusions.items() if name not in redone and
-                  any(row["file"] == name and row.get("miou") for row in merged)}
+    still_scored = {row["file"] for row in merged if row.get("miou")} - redone
+    confusions = {name: image for name, image in kept_confusions.items() if name in still_scored}
     if scorer is not None:
         confusions.update(scorer.per_image)
     return columns, merged, confusions
@@ -127,7 +127,6 @@ def write_score(output_dir, classes, confusions, steps, checkpoint, masks=None, 
         path.unlink(missing_ok=True)
         return
     if masks is None:  # a run that scored nothing: the figures are the earlier runs', against their masks
-        import json
         earlier = json.loads(path.read_text())
         masks, encoding = earlier.get("masks"), earlier.get("mask_encoding")
     scorer = FolderScore(classes, encoding, postprocessed=any("postprocessed" in c for c in confusions.values()))
