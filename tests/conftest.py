@@ -16,6 +16,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(items):
+    # the slow tests first: a long test drawn last would leave one worker idle while the other finishes it
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 GLAS = ROOT.parent / "shared" / "data" / "glas"
 
 

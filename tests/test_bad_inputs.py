@@ -110,6 +110,7 @@ def prepared(tmp_path_factory):
     return config, tmp / "data", tmp
 
 
+@pytest.mark.slow
 def test_awkward_but_valid_inputs_go_through_the_whole_pipeline(prepared):
     config, prepared_data, tmp = prepared
     data = copy_data(prepared_data, tmp / "pipeline data")  # the other test copies the pristine one

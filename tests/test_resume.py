@@ -15,6 +15,8 @@ import torch
 from conftest import ONE_THREAD, ROOT, load_script, tiny_demo_args
 from utils.config import load_config
 
+pytestmark = pytest.mark.slow  # killed runs and the uninterrupted runs they are held against
+
 SMALL = ["demo.train_images=16", "stage1.epochs=2", "stage2.epochs=2", "stage2.train_masks=ground_truth",
          "stage1.cam_flip=false", "stage1.image_size=32", "stage2.crop_size=32", "stage2.window=32",
          "num_workers=1"]  # one loader worker: its augmentation seeds must resume too

@@ -321,6 +321,7 @@ def test_a_checkpoint_with_unknown_layer_names_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_demo_vit_pipeline_beats_a_constant_mask_and_inference_predicts_as_in_training(tmp_path):
     """configs/demo_vit.yaml on a smaller generated set: tiny ViTs in both stages, then inference.py."""
     pipeline = load_script("run_pipeline")
