@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import ROOT, tiny_demo_args
 from utils.checkpoint import STAGE1_FORMAT, STAGE2_FORMAT, load_checkpoint
 
-pytestmark = pytest.mark.slow  # every test reads one two-process run (half a minute to train)
+pytestmark = pytest.mark.slow  # every test reads one two-process run (about 20 s to train)
 
 # One epoch each. The deeper stage-1 taps, a higher stage-2 lr and more val images make masks non-constant
 # after so little training, so the comparisons have teeth.
