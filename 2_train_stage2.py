@@ -10,13 +10,20 @@ from in stage2/masks_round<k>/. Every figure is computed without post-processing
 and again with the YAML's `postprocess` steps when there are any; the best epoch is chosen on the
 validation mIoU without post-processing. A final model trained on every image (`stage2.keep_epoch: last`)
 keeps its last epoch instead and needs no validation images; best.pth is then that epoch.
+
+    python 2_train_stage2.py --config configs/glas.yaml --gate-effects
+
+measures, without training, what the refinement attention's channel gate of the run's best.pth does on the
+val images (utils/stage2/gate_effects.py) and writes stage2/gate_effects.json.
 """
 import sys
+from pathlib import Path
 
-from utils.checkpoint import STAGE2_FORMAT, load_checkpoint
+from utils.checkpoint import STAGE2_FORMAT, CheckpointError, load_checkpoint
 from utils.cli import run_main
-from utils.config import base_parser, load_config
-from utils.data.datasets import check_split_masks, test_splits
+from utils.config import ConfigError, base_parser, load_config, run_dir
+from utils.data.datasets import check_split_masks, split_items, test_splits
+from utils.data.imageio import DataError
 from utils.evaluation.metrics import scores
 from utils.evaluation.postprocess import class_indices, describe
 from utils.files import write_json
@@ -24,7 +31,9 @@ from utils.provenance import RUN_RECORD, StepTimer
 from utils.run_folder import begin_record
 from utils.runtime import cleanup, setup_runtime, start_run
 from utils.stage2.evaluation import evaluate, save_test_sheet
+from utils.stage2.gate_effects import describe_gate_effects, gate_effects
 from utils.stage2.network import build_segmenter
+from utils.stage2.predict import load_segmenter
 from utils.stage2.relabel import relabel_training_images, round_folder
 from utils.stage2.training import train_segmenter
 from utils.stage2.training_data import training_pairs, validation_items
@@ -34,8 +43,12 @@ from utils.timm_settings import resolve_normalisation
 def main(argv=None):
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--resume", action="store_true", help="continue training from last.pth")
+    parser.add_argument("--gate-effects", action="store_true",
+                        help="no training: measure the refinement attention's gates of the run's best.pth on val")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.gate_effects:
+        return measure_gate_effects(cfg)
     normalisation = resolve_normalisation(cfg, "stage2")
     timer = StepTimer("stage2")
     runtime = setup_runtime(cfg)
@@ -110,6 +123,29 @@ def main(argv=None):
             print(line)
         write_json(out_dir / RUN_RECORD, timer.record(runtime.device, runtime.world_size, resumed=bool(args.resume)))
         print(f"stage 2 outputs in {out_dir} ({timer.seconds / 60:.1f} min)")
+    cleanup(runtime)
+    return 0
+
+
+def measure_gate_effects(cfg):
+    """The finished run's channel gate on the val images: as trained, equal for every class, and one gate
+    for every window (utils/stage2/gate_effects.py)."""
+    path = run_dir(cfg, "stage2") / "best.pth"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: train stage 2 first, then measure its gates.")
+    items = split_items(cfg.data.root, "val", required=False)
+    if not items:
+        raise DataError(f"{Path(cfg.data.root) / 'val' / 'img'} holds no images: the gates are measured on the "
+                        "val images.")
+    runtime = setup_runtime(cfg)
+    model, meta = load_segmenter(path, runtime.device)
+    try:
+        results = gate_effects(model, meta, items, cfg.data.mask_encoding, runtime)
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    write_json(path.parent / "gate_effects.json", results)
+    print("\n".join(describe_gate_effects(results, meta["classes"])))
+    print(f"written to {path.parent / 'gate_effects.json'}")
     cleanup(runtime)
     return 0
 

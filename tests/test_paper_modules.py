@@ -1,7 +1,9 @@
 """IBM and DPR's refinement attention in the places and at the rates the paper uses them, and the earlier
 forms each setting keeps reachable."""
 import csv
+import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +130,79 @@ def test_logs_record_gradient_clipping_and_mean_gates(tmp_path):
     with open(tmp_path / "runs" / "demo" / "stage2" / "log.csv") as handle:
         row = next(csv.DictReader(handle))
     assert 0 < float(row["channel_gate"]) < 1 and 0 < float(row["spatial_gate"]) < 1
+    # the trained run's gates measured on val, without training again
+    assert stage2.main(args + ["--gate-effects"]) == 0
+    effects = json.loads((tmp_path / "runs" / "demo" / "stage2" / "gate_effects.json").read_text())
+    assert effects["gates"]["windows"] > 0 and 0 <= effects["equal class gates"]["changed_pixels"] <= 1
+
+
+def _segmenter_with_gate(hidden_weight, class_bias):
+    """A resnet10t DPR whose channel gate's hidden unit has the given input weights (and bias 0.5) and whose
+    class units have the biases class_bias: zero input weights make the gate one constant per class."""
+    torch.manual_seed(0)
+    model = DPR("resnet10t", 2).eval()
+    gate = model.refine.channel_gate
+    with torch.no_grad():
+        gate[1].weight.fill_(hidden_weight)
+        gate[1].bias.fill_(0.5)
+        gate[3].weight.fill_(1.0)
+        gate[3].bias.copy_(torch.tensor(class_bias))
+    meta = {"classes": ["background", "gland"], "window": 48, "overlap": 0.25, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "tta_flip": False}
+    return model, meta
+
+
+def _val_items(tmp_path, count=2):
+    from utils.data.datasets import split_items
+    from utils.data.imageio import write_palette_png, write_rgb
+    rng = np.random.default_rng(0)
+    for folder in ("img", "mask"):
+        (tmp_path / "val" / folder).mkdir(parents=True)
+    for index in range(count):
+        write_rgb(tmp_path / "val" / "img" / f"v{index}.png", rng.integers(0, 256, (80, 72, 3), dtype=np.uint8))
+        write_palette_png(tmp_path / "val" / "mask" / f"v{index}.png",
+                          (rng.random((80, 72)) > 0.5).astype(np.uint8), [(0, 0, 0), (255, 255, 255)])
+    return split_items(tmp_path, "val")
+
+
+def val_image(item):
+    from utils.data.imageio import read_rgb
+    return read_rgb(item.image)
+
+
+def test_gate_effects_count_what_equal_and_fixed_gates_change(tmp_path):
+    from utils.runtime import setup_runtime
+    from utils.stage2.gate_effects import gate_effects
+    from utils.stage2.predict import predict_mask
+    items = _val_items(tmp_path)
+    runtime = setup_runtime(load_config(None, []), "cpu")
+
+    # constant, unequal class gates: the same in every window, and equalising them gives the ungated argmax
+    model, meta = _segmenter_with_gate(0.0, [2.0, -2.0])
+    effects = gate_effects(model, meta, items, "index", runtime)
+    assert effects["gates"]["std"] == [0.0, 0.0]
+    # the hidden unit passes its bias, 0.5, to both class units
+    expected_gap = torch.sigmoid(torch.tensor(2.5)) - torch.sigmoid(torch.tensor(-1.5))
+    assert effects["class_gap"]["mean"] == pytest.approx(float(expected_gap), abs=1e-5)
+    assert effects["one gate for every window"]["changed_pixels"] == 0.0
+    gated = [predict_mask(model, val_image(item), runtime, 48, 0.25, 8, meta["mean"], meta["std"], 2)
+             for item in items]
+    model.refine = torch.nn.Identity()
+    ungated = [predict_mask(model, val_image(item), runtime, 48, 0.25, 8, meta["mean"], meta["std"], 2)
+               for item in items]
+    flipped = sum(int((a != b).sum()) for a, b in zip(gated, ungated)) / sum(a.size for a in gated)
+    assert flipped > 0 and effects["equal class gates"]["changed_pixels"] == pytest.approx(flipped)
+
+    # a gate that reads the window's logits differs between windows
+    model, meta = _segmenter_with_gate(3.0, [0.0, 0.0])
+    effects = gate_effects(model, meta, items, "index", runtime)
+    assert effects["gates"]["windows"] >= 2 * len(items) and min(effects["gates"]["std"]) > 0
+
+
+def test_gate_effects_refuse_a_segmenter_without_attention(tmp_path):
+    from utils.runtime import setup_runtime
+    from utils.stage2.gate_effects import gate_effects
+    model, meta = _segmenter_with_gate(0.0, [0.0, 0.0])
+    model.refine = torch.nn.Identity()
+    with pytest.raises(ValueError, match="no refinement attention"):
+        gate_effects(model, meta, _val_items(tmp_path), "index", setup_runtime(load_config(None, []), "cpu"))
