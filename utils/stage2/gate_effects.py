@@ -66,7 +66,7 @@ def gate_effects(model, meta, items, encoding, runtime):
             gates = torch.cat(seen)
             mean_gate = gates.mean(dim=0)
             gap = gates.amax(dim=1) - gates.amin(dim=1)
-            results["gates"] = {"windows": int(gates.shape[0]), "mean": gates.mean(0).tolist(),
+            results["gates"] = {"windows": int(gates.shape[0]), "mean": mean_gate.tolist(),
                                 "std": gates.std(0).tolist() if gates.shape[0] > 1 else [0.0] * num_classes,
                                 "min": gates.amin(0).tolist(), "max": gates.amax(0).tolist()}
             results["class_gap"] = {"mean": float(gap.mean()), "max": float(gap.max())}
