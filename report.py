@@ -293,6 +293,19 @@ def load_ablation(folder):
     return {"folder": folder, "plan": plan, "rows": rows}
 
 
+def beside_config_schedule(plan):
+    """How the ablation's schedule stands to the config's own, or nothing where the config cannot be read now."""
+    from utils.config import ConfigError, load_config
+    try:
+        cfg = load_config(plan["config"], plan.get("overrides", []))
+    except ConfigError:
+        return ""
+    own = (cfg.stage1.epochs, cfg.stage2.epochs)
+    if own == (plan["schedule"]["stage1_epochs"], plan["schedule"]["stage2_epochs"]):
+        return " (the config's own schedule)"
+    return f" (the config's own: stage 1 {own[0]}, stage 2 {own[1]})"
+
+
 def render_ablation(ablation, command):
     """The ablation table: val mIoU and Dice of every row (pseudo-mask scores for stage-1 rows), its wall time."""
     plan = ablation["plan"]
@@ -313,7 +326,7 @@ def render_ablation(ablation, command):
                      minutes(seconds) if seconds is not None else "–"])
     text = [f"### Ablation: {plan['config']}", "", f"`{command}`", "", markdown(header, rows), "",
             f"Schedule of every row: stage 1 {schedule['stage1_epochs']} epochs, stage 2 {schedule['stage2_epochs']} "
-            f"epochs (shorter than the config's own); stage-2 rows learn from the pseudo-masks of "
+            f"epochs{beside_config_schedule(plan)}; stage-2 rows learn from the pseudo-masks of "
             f"'{plan['source_row']}'. Validation images only; no test split is scored.",
             f"Total wall time {minutes(total)} on {hardware or 'unrecorded hardware'}.", ""]
     return "\n".join(text)

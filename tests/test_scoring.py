@@ -352,7 +352,13 @@ def test_ablation_rows_share_stage1_score_val_only_and_make_a_table(tmp_path, ca
     assert "aux_path: false" in (folder / "no_aux" / "stage2" / "config.yaml").read_text()
     printed = capsys.readouterr().out
     assert "stage 2: IICB without eta (soft Dice)" in printed and "stage 1: CAMs with IBM" in printed
-    assert "stage 1 1 epochs, stage 2 1 epochs" in printed
+    assert "stage 1 1 epochs, stage 2 1 epochs (the config's own: stage 1 " in printed
+    plan = json.loads((folder / "ablation.json").read_text())
+    demo = load_config(plan["config"], plan["overrides"])
+    plan["schedule"] = {"stage1_epochs": demo.stage1.epochs, "stage2_epochs": demo.stage2.epochs}
+    (folder / "ablation.json").write_text(json.dumps(plan))
+    assert load_script("report").main([str(folder)]) == 0
+    assert "epochs (the config's own schedule);" in capsys.readouterr().out
 
 
 def test_ablation_stage2_rows_start_from_the_papers_dpr_whatever_the_config_chose(tmp_path):
