@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from utils.cli import run_main, warn
+from utils.config import ConfigError, load_config
 from utils.curves import Panel, write_curves
 from utils.data.imageio import DataError
 from utils.provenance import RUN_RECORD, describe_hardware
@@ -295,7 +296,6 @@ def load_ablation(folder):
 
 def beside_config_schedule(plan):
     """How the ablation's schedule stands to the config's own, or nothing where the config cannot be read now."""
-    from utils.config import ConfigError, load_config
     try:
         cfg = load_config(plan["config"], plan.get("overrides", []))
     except ConfigError:
